@@ -1,0 +1,41 @@
+"""Regenerate BENCHMARKS.md: ``python -m benchmarks.run [kernel protect ...]`` (default: all).
+
+Each section lives between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` markers and is
+replaced by the output of ``benchmarks.bench_NAME.run()``; other sections are left as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ROOT / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery number here is produced by `make bench` (`python -m benchmarks.run`).\n"
+
+
+def available() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def main(argv: list[str]) -> int:
+    names = argv or available()
+    text = TARGET.read_text() if TARGET.is_file() else HEADER
+    for name in names:
+        if name not in available():
+            print(f"unknown benchmark {name!r}; known: {', '.join(available())}", file=sys.stderr)
+            return 2
+        section = importlib.import_module(f"benchmarks.bench_{name}").run().strip()
+        machine = f"_Machine: {platform.machine()}, {platform.processor() or platform.system()}._"
+        block = f"<!-- bench:{name} -->\n{section}\n\n{machine}\n<!-- /bench:{name} -->"
+        pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + "\n" + block + "\n"
+        TARGET.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""Settings of a Safe Delta run, validated by pydantic.
+
+``SafeDeltaConfig`` holds what changes the *result*; where the run happens (device, cache folder,
+progress bars) is passed to :func:`safedelta.protect` separately.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Budget = Literal["default", "official"]
+NonLinearPolicy = Literal["aligned", "finetuned"]
+
+#: ``s`` used when none is given. Official: the paper's 0.1 (tuned for width 4096).
+#: Default budget: a fraction of the layer's output energy on safe inputs (see solver.py).
+DEFAULT_S: dict[str, float] = {"official": 0.1, "default": 0.01}
+
+
+class SafeDeltaConfig(BaseModel):
+    """How Safe Delta decides, per linear layer, which delta entries to keep.
+
+    Args:
+        s: the safety budget. With ``budget="default"`` it is the tolerated safety loss as a
+            fraction of the aligned layer's output energy on the safe calibration set (width
+            independent; see ``safedelta/solver.py``). With ``budget="official"`` it is the
+            constant of the authors' code (``eps_B = mean(key) * s/2 * r/4096``).
+        budget: ``"default"`` (width-independent) or ``"official"`` (the published code).
+        exclude_fraction: the most safety-sensitive share of delta entries that is never kept.
+        damp: Hessian damping as a fraction of ``mean(diag H)``.
+        block_size: columns per budget block in the official mode.
+        sub_block: columns per compensation step in the official mode (no compensation inside one).
+        reference_width: the width the official budget constant was tuned for (Llama-2-7B).
+        nonlinear: what to do with parameters outside the decoder blocks' linear layers
+            (embeddings, norms, head): keep the ``"aligned"`` values (the paper) or the
+            ``"finetuned"`` ones. What is discarded is reported either way.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s: float | None = Field(default=None,
+                            description="Safety budget (see budget); None = the budget's default.")
+    budget: Budget = Field(default="default", description="Budget rule: default | official.")
+    exclude_fraction: float = Field(default=0.15, ge=0.0, lt=1.0,
+                                    description="Most sensitive share of entries never kept.")
+    damp: float = Field(default=0.01, gt=0.0, description="Hessian damping, fraction of mean diag.")
+    block_size: int = Field(default=2048, gt=0, description="Official mode: columns per block.")
+    sub_block: int = Field(default=4, gt=0, description="Official mode: columns per step.")
+    reference_width: int = Field(default=4096, gt=0, description="Official mode: r/4096 constant.")
+    nonlinear: NonLinearPolicy = Field(default="aligned",
+                                       description="Non-linear parameters: aligned | finetuned.")
+
+    @field_validator("s")
+    @classmethod
+    def _s_not_negative(cls, v: float | None) -> float | None:
+        if v is not None and not (0 <= v < float("inf")):
+            raise ValueError(f"s must be a finite number >= 0, got {v!r}")
+        return v
+
+    @property
+    def resolved_s(self) -> float:
+        """``s`` as given, or the budget's own default when it was left out."""
+        return self.s if self.s is not None else DEFAULT_S[self.budget]

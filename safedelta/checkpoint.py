@@ -1,18 +1,38 @@
-"""Reading Hugging Face checkpoints tensor by tensor (memory-mapped safetensors).
+"""Reading and writing Hugging Face checkpoints tensor by tensor.
 
-``CheckpointReader(dir)`` opens ``model.safetensors`` or a sharded ``model.safetensors.index.json``
-without loading anything: ``names()``, ``shape(name)``, ``dtype(name)`` read headers only and
-``get(name)`` maps one tensor from disk. Pickle-based weights (``pytorch_model.bin``) are refused
-unless ``allow_pickle=True``.
+Reading: ``CheckpointReader(dir)`` opens ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` without loading anything: ``names()``, ``shape(name)``,
+``dtype(name)`` read headers only and ``get(name)`` maps one tensor from disk (``get(name,
+check_finite=True)`` raises :class:`NonFiniteWeights` naming the tensor and the model).
+Pickle-based weights (``pytorch_model.bin``) are refused unless ``allow_pickle=True``.
+
+Checking: :func:`check_compatible` compares two checkpoints (config architecture, then every
+tensor's name and shape) from headers only and names the first mismatching tensor.
+
+Writing: :class:`CheckpointWriter` writes a checkpoint with the same tensor-to-file layout as a
+template (the aligned model) one tensor at a time: each shard's safetensors header is written
+first (names, shapes and dtypes are known up front), then every tensor's bytes at its offset, so no
+shard is ever held in memory. Everything goes to a temporary sibling directory that is renamed onto
+the output only by :meth:`CheckpointWriter.commit`; a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from safedelta.errors import MissingCheckpoint, MissingTensor, PickleCheckpointRefused
+from safedelta.errors import (
+    ArchitectureMismatch,
+    CheckpointError,
+    MissingCheckpoint,
+    MissingTensor,
+    NonFiniteWeights,
+    OutputExists,
+    PickleCheckpointRefused,
+    ShapeMismatch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,10 +45,11 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 class CheckpointReader:
     """Lazy, memory-mapped access to the tensors of one checkpoint directory."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, label: str = "model"):
         self.path = Path(path)
+        self.label = label
         if not self.path.is_dir():
-            raise MissingCheckpoint(f"checkpoint directory not found: '{self.path}'")
+            raise MissingCheckpoint(f"{label} checkpoint directory not found: '{self.path}'")
         self.allow_pickle = allow_pickle
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, "torch.Tensor"] | None = None
@@ -109,16 +130,311 @@ class CheckpointReader:
             return str(self._pickled[name].dtype)
         return self._slice(name).get_dtype()
 
-    def get(self, name: str) -> "torch.Tensor":
-        """The tensor, memory-mapped (CPU). Copy it before modifying it in place."""
+    def get(self, name: str, *, check_finite: bool = False) -> "torch.Tensor":
+        """The tensor, memory-mapped (CPU). Copy it before modifying it in place.
+
+        With ``check_finite=True`` a tensor holding NaN or Inf raises :class:`NonFiniteWeights`.
+        """
         if self._pickled is not None:
             if name not in self._pickled:
-                raise MissingTensor(f"tensor '{name}' not found in '{self.path}'")
-            return self._pickled[name]
-        if name not in self.weight_map:
-            raise MissingTensor(f"tensor '{name}' not found in '{self.path}'")
-        return self._handle(self.weight_map[name]).get_tensor(name)
+                raise MissingTensor(f"tensor '{name}' not found in {self.label} '{self.path}'")
+            t = self._pickled[name]
+        else:
+            if name not in self.weight_map:
+                raise MissingTensor(f"tensor '{name}' not found in {self.label} '{self.path}'")
+            t = self._handle(self.weight_map[name]).get_tensor(name)
+        if check_finite:
+            assert_finite(t, name, f"{self.label} '{self.path}'")
+        return t
 
     def config(self) -> dict:
         cfg = self.path / "config.json"
         return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def assert_finite(t: "torch.Tensor", name: str, where: str) -> None:
+    """Raise :class:`NonFiniteWeights` when a floating tensor holds NaN or Inf."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise NonFiniteWeights(
+            f"tensor '{name}' of the {where} holds non-finite values ({n_nan} NaN, {n_inf} Inf); "
+            "a diverged or corrupted checkpoint cannot be protected. Re-export the model."
+        )
+
+
+#: config keys that must agree for two checkpoints to be the same architecture
+_ARCH_KEYS = ("model_type", "architectures")
+
+
+def check_compatible(aligned: "CheckpointReader", finetuned: "CheckpointReader") -> None:
+    """Check, from headers only, that two checkpoints share one architecture.
+
+    Compares the configs' ``model_type`` and ``architectures``, then every tensor's name and shape
+    in the aligned checkpoint's order, and raises on the first difference:
+    :class:`ArchitectureMismatch` (config), :class:`MissingTensor` (a tensor in one model only),
+    :class:`ShapeMismatch` (same name, different shape). Nothing is read but headers.
+    """
+    ca, cf = aligned.config(), finetuned.config()
+    for key in _ARCH_KEYS:
+        va, vf = ca.get(key), cf.get(key)
+        if va is not None and vf is not None and va != vf:
+            raise ArchitectureMismatch(
+                f"architectures differ: config '{key}' is {va!r} in the {aligned.label} "
+                f"'{aligned.path}' but {vf!r} in the {finetuned.label} '{finetuned.path}'"
+            )
+    names_f = set(finetuned.names())
+    for name in aligned.names():
+        if name not in names_f:
+            raise MissingTensor(
+                f"tensor '{name}' of the {aligned.label} '{aligned.path}' is missing from the "
+                f"{finetuned.label} '{finetuned.path}'; the models do not share an architecture"
+            )
+        sa, sf = aligned.shape(name), finetuned.shape(name)
+        if sa != sf:
+            raise ShapeMismatch(
+                f"tensor '{name}' has shape {list(sa)} in the {aligned.label} but {list(sf)} in "
+                f"the {finetuned.label} '{finetuned.path}'; the models do not share an architecture"
+            )
+    names_a = set(aligned.names())
+    for name in finetuned.names():
+        if name not in names_a:
+            raise MissingTensor(
+                f"tensor '{name}' of the {finetuned.label} '{finetuned.path}' is missing from the "
+                f"{aligned.label} '{aligned.path}'; the models do not share an architecture"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+#: files copied from the template directory next to the weights (globs)
+AUX_PATTERNS = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+    "additional_chat_templates/*", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+    "*.tiktoken", "spiece.model", "sentencepiece.bpe.model",
+)
+
+#: torch dtype name -> safetensors dtype string
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+_ST_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def holds_model(path: Path) -> bool:
+    """True when ``path`` is a directory with a config or weight files in it."""
+    if not path.is_dir():
+        return False
+    return (path / "config.json").exists() or any(
+        p.suffix in (".safetensors", ".bin", ".pt") for p in path.iterdir()
+    )
+
+
+def prepare_output(out: str | Path, *, overwrite: bool) -> Path:
+    """Refuse (:class:`OutputExists`) an output that holds a model or other files, unless allowed.
+
+    Called before any work so that a refused run costs nothing; nothing is created here.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"output '{out}' exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a model" if holds_model(out) else "files"
+        raise OutputExists(
+            f"output directory '{out}' already holds {what}; choose another directory or pass "
+            "--overwrite (overwrite=True) to replace it"
+        )
+    return out
+
+
+class _Shard:
+    """One output safetensors file whose header is known up front."""
+
+    def __init__(self, fname: str, entries: list[tuple[str, str, tuple[int, ...]]]):
+        self.fname = fname
+        self.names = [n for n, _, _ in entries]
+        header: dict[str, dict] = {}
+        # larger dtypes first keeps every tensor aligned to its item size
+        order = sorted(entries, key=lambda e: -_ITEMSIZE[e[1]])
+        offset = 0
+        self.offsets: dict[str, tuple[int, int, str, tuple[int, ...]]] = {}
+        for name, st_dtype, shape in order:
+            n = _ITEMSIZE[st_dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": st_dtype, "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            self.offsets[name] = (offset, offset + n, st_dtype, shape)
+            offset += n
+        self.data_size = offset
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header = raw
+        self.written: set[str] = set()
+        self.fh = None
+
+
+class CheckpointWriter:
+    """Write a checkpoint laid out like ``template``, one tensor at a time, atomically.
+
+    Args:
+        out: the output directory. It must not hold anything unless ``overwrite=True``, in which
+            case it is replaced only when :meth:`commit` succeeds.
+        template: the checkpoint whose sharding (tensor -> file mapping, index json) and auxiliary
+            files (config, generation config, tokenizer, chat template) are reproduced.
+        overwrite: replace an existing output directory.
+        dtype: cast floating tensors to this dtype (``None``: keep each template tensor's dtype).
+
+    Use as a context manager: an exception inside the ``with`` removes the temporary directory.
+    Tensors may be added in any order; the output appears only after :meth:`commit`::
+
+        with CheckpointWriter(out, template=reader) as w:
+            for name in w.names():
+                w.add(name, tensor_for(name))
+            w.commit()
+    """
+
+    def __init__(self, out: str | Path, *, template: CheckpointReader, overwrite: bool = False,
+                 dtype: "torch.dtype | None" = None):
+        self.out = prepare_output(out, overwrite=overwrite)
+        self.template = template
+        self.overwrite = overwrite
+        self.dtype = dtype
+        self.sharded = (template.path / SAFE_INDEX).is_file()
+        files: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
+        for name in template.names():
+            fname = template.weight_map[name] if self.sharded else SAFE_SINGLE
+            files.setdefault(fname, []).append((name, self._out_dtype(template.dtype(name)),
+                                                template.shape(name)))
+        self.shards = [_Shard(f, e) for f, e in files.items()]
+        self._shard_of = {n: s for s in self.shards for n in s.names}
+        self.tmp_dir: Path | None = None
+        self.committed = False
+
+    def _out_dtype(self, st_dtype: str) -> str:
+        if st_dtype.startswith("torch."):  # pickle reader reports torch dtypes
+            st_dtype = _ST_DTYPES[st_dtype.removeprefix("torch.")]
+        if self.dtype is not None and st_dtype in ("F64", "F32", "F16", "BF16"):
+            return _ST_DTYPES[str(self.dtype).removeprefix("torch.")]
+        return st_dtype
+
+    def names(self) -> list[str]:
+        """Every tensor to write, shard by shard (the order that writes files sequentially)."""
+        return [n for s in self.shards for n in sorted(s.names, key=lambda n: s.offsets[n][0])]
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    def open(self) -> Path:
+        """Create the temporary sibling directory (``.<out>.tmp-<pid>``)."""
+        import tempfile
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self.tmp_dir
+
+    def add(self, name: str, tensor: "torch.Tensor") -> None:
+        """Write one tensor's bytes into its shard (cast to the planned dtype)."""
+        import torch
+
+        if self.tmp_dir is None:
+            self.open()
+        shard = self._shard_of.get(name)
+        if shard is None:
+            raise CheckpointError(f"tensor '{name}' is not part of the output checkpoint")
+        if name in shard.written:
+            raise CheckpointError(f"tensor '{name}' was written twice")
+        begin, end, st_dtype, shape = shard.offsets[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ShapeMismatch(f"tensor '{name}' has shape {list(tensor.shape)}, "
+                                f"expected {list(shape)} in the output")
+        t = tensor.detach().to("cpu", getattr(torch, _ST_TO_TORCH[st_dtype])).contiguous()
+        if shard.fh is None:
+            shard.fh = open(self.tmp_dir / shard.fname, "wb")
+            shard.fh.write(len(shard.header).to_bytes(8, "little"))
+            shard.fh.write(shard.header)
+            shard.fh.truncate(8 + len(shard.header) + shard.data_size)
+        shard.fh.seek(8 + len(shard.header) + begin)
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        shard.fh.write(memoryview(data) if t.numel() else data)
+        assert shard.fh.tell() == 8 + len(shard.header) + end
+        shard.written.add(name)
+        if len(shard.written) == len(shard.names):
+            shard.fh.close()
+            shard.fh = None
+
+    def commit(self) -> Path:
+        """Finish (index json, auxiliary files) and move the result onto ``out``."""
+        import shutil
+
+        missing = [n for s in self.shards for n in s.names if n not in s.written]
+        if missing:
+            raise CheckpointError(f"{len(missing)} tensors were never written (first: "
+                                  f"'{missing[0]}'); the output is incomplete")
+        assert self.tmp_dir is not None
+        if self.sharded:
+            total = sum(s.data_size for s in self.shards)
+            index = {"metadata": {**self.template.metadata, "total_size": total},
+                     "weight_map": {n: s.fname for s in self.shards for n in s.names}}
+            (self.tmp_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        self._copy_aux()
+        prepare_output(self.out, overwrite=self.overwrite)  # re-check: it may have appeared since
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{self.tmp_dir.name.rsplit('-', 1)[-1]}")
+            os.replace(self.out, old)
+        os.replace(self.tmp_dir, self.out)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+    def _copy_aux(self) -> None:
+        import shutil
+
+        for pattern in AUX_PATTERNS:
+            for src in self.template.path.glob(pattern):
+                if not src.is_file():
+                    continue
+                dst = self.tmp_dir / src.relative_to(self.template.path)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        cfg = self.tmp_dir / "config.json"
+        if self.dtype is not None and cfg.is_file():  # record the output dtype when it changed
+            data = json.loads(cfg.read_text())
+            name = str(self.dtype).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in data and data[key] != name:
+                    data[key] = name
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def abort(self) -> None:
+        """Remove the temporary directory; the output is left as it was."""
+        import shutil
+
+        for s in self.shards:
+            if s.fh is not None:
+                s.fh.close()
+                s.fh = None
+        if self.tmp_dir is not None and self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)

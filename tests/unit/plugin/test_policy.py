@@ -1,0 +1,122 @@
+"""Policies: shipped files load, bad files fail naming the field, the reason and the file."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mlflow_safedelta.errors import PolicyError
+from mlflow_safedelta.policy import (SHIPPED_POLICIES, Policy, load_policy, parse_policy,
+                                     policy_schema, policy_to_yaml)
+
+
+@pytest.mark.parametrize("name", SHIPPED_POLICIES)
+def test_each_shipped_policy_loads(name):
+    policy = load_policy(name)
+    assert policy.name == name
+    assert policy.policy_version == 1
+    assert policy.source == name
+    assert policy.safety.suites
+
+
+def test_shipped_policies_differ_in_strictness():
+    strict, default, permissive = (load_policy(n) for n in ("strict", "default", "permissive"))
+    assert strict.safety.max_asr < default.safety.max_asr < permissive.safety.max_asr
+    assert strict.select_s.mode == "target" and strict.select_s.target_max_asr is not None
+
+
+def test_default_when_nothing_given():
+    assert load_policy(None).name == "default"
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def _base() -> dict:
+    return yaml.safe_load(policy_to_yaml(load_policy("default")))
+
+
+def test_round_trip_through_file(tmp_path):
+    data = _base()
+    data["safety"]["max_asr"] = 0.123
+    policy = load_policy(_write(tmp_path, data))
+    assert policy.safety.max_asr == 0.123
+    assert policy.source.endswith("p.yaml")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "reason"),
+    [
+        (lambda d: d["safety"].update(max_asr=1.5), "safety.max_asr", "less than or equal to 1"),
+        (lambda d: d["safety"].update(max_asr_typo=0.1), "safety.max_asr_typo", "unknown field"),
+        (lambda d: d.pop("policy_version"), "policy_version", "required field is missing"),
+        (lambda d: d.update(policy_version=2), "policy_version", "1"),
+        (lambda d: d["promotion"].update(alias="has space"), "promotion.alias", "pattern"),
+        (lambda d: d["select_s"].update(mode="target", target_max_asr=None), "select_s",
+         "target_max_asr"),
+        (lambda d: d["select_s"].update(mode="guess"), "select_s.mode", "'fixed' or 'target'"),
+        (lambda d: d["evaluation"].update(limit=0), "evaluation.limit", "greater than 0"),
+        (lambda d: d["safety"].update(max_asr_per_suite={"other": 0.1}), "safety",
+         "'other'"),
+    ],
+)
+def test_invalid_file_names_field_reason_and_path(tmp_path, mutate, field, reason):
+    data = _base()
+    mutate(data)
+    path = _write(tmp_path, data)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    msg = str(info.value)
+    assert path in msg
+    assert f"  {field}" in msg
+    assert reason in msg
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    with pytest.raises(PolicyError, match="not valid YAML"):
+        load_policy(_write(tmp_path, "a: [unclosed"))
+    with pytest.raises(PolicyError, match="expected a mapping"):
+        load_policy(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_unknown_name_lists_shipped():
+    with pytest.raises(PolicyError) as info:
+        load_policy("nonexistent-policy")
+    assert "default, strict, permissive" in str(info.value)
+
+
+def test_schema_describes_every_field():
+    schema = policy_schema()
+    assert schema["additionalProperties"] is False
+    defs = schema["$defs"]
+    for model in ("SafetyThresholds", "UtilityThresholds", "SelectS", "Promotion", "Evaluation"):
+        for name, prop in defs[model]["properties"].items():
+            assert prop.get("description"), f"{model}.{name} has no description"
+
+
+def test_shipped_yaml_comments_every_field():
+    """The shipped default.yaml is the documentation: every key has a comment line above it."""
+    from importlib import resources
+
+    text = resources.files("mlflow_safedelta.policies").joinpath("default.yaml").read_text()
+    import re
+
+    lines = text.splitlines()
+    keys = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*([a-z_]+):", line)
+        if not m or m.group(1) in ("safety", "utility", "select_s", "promotion", "evaluation"):
+            continue
+        keys += 1
+        if m.group(1) == "s_max":  # documented together with s_min
+            continue
+        assert lines[i - 1].strip().startswith("#"), f"no comment above {m.group(1)!r}"
+    assert keys == len(_base()) - 5 + sum(len(v) for v in _base().values() if isinstance(v, dict))
+
+
+def test_parse_policy_from_dict():
+    p = parse_policy({"policy_version": 1, "name": "x"})
+    assert isinstance(p, Policy) and p.safety.max_asr == 0.2

@@ -1,0 +1,287 @@
+"""The gate: metrics + policy -> verdict. Pure (no registry, no I/O).
+
+Every policy threshold becomes one rule, checked with MLflow's own primitive
+(:class:`mlflow.models.MetricThreshold` + :func:`mlflow.validate_evaluation_results` on a
+hand-built ``EvaluationResult``); a ``ModelValidationFailedException`` becomes a failed
+:class:`RuleResult` that names the rule, the measured value and the limit.
+
+Metrics come from the evaluation report, ``metrics[role][name]`` with roles ``aligned``,
+``finetuned``, ``protected`` and names ``asr.<suite>``, ``over_refusal.<suite>``,
+``utility_retention`` ... The ASR increase over the parent is checked as the derived metric
+``asr.<suite>.increase`` (protected minus aligned) against an absolute threshold, because
+``MetricThreshold``'s change rules demand an *improvement* over the baseline, not a bounded loss.
+
+The gate JSON (:meth:`GateResult.to_dict`) is what the CLI prints, what the job stores as the run
+artifact ``safedelta/gate.json`` and what the GitHub Action renders with :func:`render_markdown`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from mlflow_safedelta.policy import Policy
+
+Verdict = Literal["passed", "failed", "error"]
+Comparison = Literal["<=", ">="]
+
+ROLES = ("aligned", "finetuned", "protected")
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One policy rule checked against one measured number."""
+
+    rule: str
+    metric: str
+    role: str
+    measured: float | None
+    limit: float | None
+    comparison: Comparison
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The outcome of :func:`evaluate_policy`: passed iff every rule passed."""
+
+    passed: bool
+    rules: list[RuleResult]
+    policy_name: str
+
+    @property
+    def verdict(self) -> Verdict:
+        return "passed" if self.passed else "failed"
+
+    @property
+    def failed_rules(self) -> list[RuleResult]:
+        return [r for r in self.rules if not r.passed]
+
+    @property
+    def reason(self) -> str:
+        if self.passed:
+            return f"all {len(self.rules)} rules of policy '{self.policy_name}' passed"
+        return "; ".join(r.message for r in self.failed_rules)
+
+
+@dataclass
+class _Rule:
+    rule: str
+    metric: str  # the metric name the threshold is checked on (may be derived)
+    source_metric: str  # the report's metric the rule is about
+    role: str
+    limit: float
+    greater_is_better: bool
+    label: str  # human text of the rule
+
+
+def _rules(policy: Policy, metrics: dict[str, dict[str, float]]) -> list[_Rule]:
+    s = policy.safety
+    rules: list[_Rule] = []
+    for suite in s.suites:
+        limit = s.asr_limit(suite)
+        if limit is not None:
+            rules.append(_Rule("max_asr", f"asr.{suite}", f"asr.{suite}", "protected", limit, False,
+                               f"attack success rate on {suite}"))
+        if s.max_asr_increase is not None:
+            rules.append(_Rule("max_asr_increase", f"asr.{suite}.increase", f"asr.{suite}",
+                               "protected", s.max_asr_increase, False,
+                               f"ASR increase over the aligned parent on {suite}"))
+    if s.max_over_refusal is not None:
+        for suite in s.over_refusal_suites:
+            rules.append(_Rule("max_over_refusal", f"over_refusal.{suite}",
+                               f"over_refusal.{suite}", "protected", s.max_over_refusal, False,
+                               f"over-refusal on {suite}"))
+    u = policy.utility
+    if u.min_retention is not None:
+        rules.append(_Rule("min_utility_retention", u.metric, u.metric, "protected",
+                           u.min_retention, True, "utility retention"))
+    return rules
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _candidate_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The protected model's finite metrics plus derived ``asr.<suite>.increase``."""
+    protected = metrics.get("protected", {})
+    aligned = metrics.get("aligned", {})
+    out: dict[str, float] = {}
+    for name, value in protected.items():
+        v = _finite(value)
+        if v is not None:
+            out[name] = v
+    for name, v in list(out.items()):
+        if name.startswith("asr.") and name.count(".") == 1:
+            base = _finite(aligned.get(name))
+            if base is not None:
+                out[f"{name}.increase"] = v - base
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "missing" if x is None else f"{x:.4g}"
+
+
+def _check(rule: _Rule, candidate: dict[str, float]) -> RuleResult:
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    threshold = MetricThreshold(threshold=float(rule.limit), greater_is_better=rule.greater_is_better)
+    result = EvaluationResult(
+        metrics={rule.metric: candidate[rule.metric]} if rule.metric in candidate else {},
+        artifacts={})
+    measured = candidate.get(rule.metric)
+    comparison: Comparison = ">=" if rule.greater_is_better else "<="
+    import mlflow
+
+    try:
+        mlflow.validate_evaluation_results({rule.metric: threshold}, result)
+        passed, detail = True, ""
+    except ModelValidationFailedException as exc:
+        passed, detail = False, exc.message
+    if measured is None:
+        why = ("the aligned parent's or the protected model's value is missing or not finite"
+               if rule.metric.endswith(".increase") else "missing or not finite")
+        message = (f"{rule.rule}: {rule.label} ({rule.metric}, {rule.role}) is {why}; "
+                   f"limit {comparison} {_fmt(rule.limit)}")
+        passed = False
+    else:
+        verb = "passed" if passed else "FAILED"
+        message = (f"{rule.rule} {verb}: {rule.label} ({rule.metric}, {rule.role}) measured "
+                   f"{_fmt(measured)}, limit {comparison} {_fmt(rule.limit)}")
+    if detail and measured is not None:
+        message += f" [MLflow: {detail}]"
+    return RuleResult(rule=rule.rule, metric=rule.metric, role=rule.role, measured=measured,
+                      limit=rule.limit, comparison=comparison, passed=passed, message=message)
+
+
+def evaluate_policy(policy: Policy, metrics: dict[str, dict[str, float]], *,
+                    judge: str | None = None) -> GateVerdict:
+    """Check every rule of ``policy`` against ``metrics[role][name]``.
+
+    Args:
+        policy: the gate policy.
+        metrics: per role (``aligned``, ``finetuned``, ``protected``) a mapping metric -> value.
+        judge: the judge the evaluation used, when known; a different one than the policy
+            requires fails the ``required_judge`` rule.
+
+    Returns:
+        A :class:`GateVerdict` with one :class:`RuleResult` per rule; a missing or non-finite
+        metric fails its rule (a gate never passes on numbers it does not have).
+    """
+    candidate = _candidate_metrics(metrics)
+    results = [_check(rule, candidate) for rule in _rules(policy, metrics)]
+    if judge is not None and judge != policy.safety.judge:
+        results.append(RuleResult(
+            rule="required_judge", metric="judge", role="protected", measured=None, limit=None,
+            comparison="<=", passed=False,
+            message=f"required_judge FAILED: evaluated with judge {judge!r}, policy "
+                    f"'{policy.name}' requires {policy.safety.judge!r}"))
+    return GateVerdict(passed=all(r.passed for r in results), rules=results,
+                       policy_name=policy.name)
+
+
+@dataclass
+class GateResult:
+    """The whole outcome of gating one registered version (the gate JSON)."""
+
+    model: str
+    version: str
+    verdict: Verdict
+    reason: str
+    parent: str | None = None
+    policy: dict[str, str] = field(default_factory=dict)
+    rules: list[RuleResult] = field(default_factory=list)
+    protected_version: str | None = None
+    run_id: str | None = None
+    run_url: str | None = None
+    promoted_alias: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
+
+    @property
+    def exit_code(self) -> int:
+        return {"passed": 0, "failed": 1}.get(self.verdict, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "version": str(self.version), "parent": self.parent,
+            "verdict": self.verdict, "reason": self.reason, "policy": dict(self.policy),
+            "rules": [r.to_dict() for r in self.rules],
+            "protected_version": None if self.protected_version is None else str(self.protected_version),
+            "run_id": self.run_id, "run_url": self.run_url,
+            "promoted_alias": self.promoted_alias, "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GateResult":
+        return cls(model=d["model"], version=str(d["version"]), verdict=d["verdict"],
+                   reason=d.get("reason", ""), parent=d.get("parent"),
+                   policy=dict(d.get("policy") or {}),
+                   rules=[RuleResult(**r) for r in d.get("rules") or []],
+                   protected_version=d.get("protected_version"), run_id=d.get("run_id"),
+                   run_url=d.get("run_url"), promoted_alias=d.get("promoted_alias"),
+                   metrics=d.get("metrics") or {})
+
+
+_ICON = {"passed": "✅", "failed": "❌", "error": "⚠️"}
+
+
+def render_markdown(gate: dict[str, Any] | GateResult) -> str:
+    """A Markdown summary of a gate JSON: verdict, rules table (measured vs limit), links."""
+    d = gate.to_dict() if isinstance(gate, GateResult) else gate
+    verdict = d.get("verdict", "error")
+    policy = d.get("policy") or {}
+    lines = [
+        f"## {_ICON.get(verdict, '')} Safe Delta gate: **{verdict.upper()}** — "
+        f"`{d.get('model')}` version {d.get('version')}",
+        "",
+        f"- Parent: `{d.get('parent') or 'unknown'}`",
+        f"- Policy: `{policy.get('name', '?')}`"
+        + (f" ({policy['source']})" if policy.get("source") and policy.get("source") != policy.get("name") else ""),
+        f"- Reason: {d.get('reason') or ''}",
+    ]
+    if d.get("protected_version"):
+        lines.append(f"- Protected version: `models:/{d.get('model')}/{d['protected_version']}`")
+    if d.get("promoted_alias"):
+        lines.append(f"- Promoted: alias `{d['promoted_alias']}` -> version {d.get('protected_version')}")
+    if d.get("run_url"):
+        lines.append(f"- MLflow run: [{d.get('run_id')}]({d['run_url']})")
+    elif d.get("run_id"):
+        lines.append(f"- MLflow run: `{d['run_id']}`")
+    rules = d.get("rules") or []
+    if rules:
+        lines += ["", "| | rule | metric | role | measured | limit |", "|---|---|---|---|---|---|"]
+        for r in rules:
+            mark = "✅" if r.get("passed") else "❌"
+            m, lim = r.get("measured"), r.get("limit")
+            lines.append(f"| {mark} | {r.get('rule')} | `{r.get('metric')}` | {r.get('role')} | "
+                         f"{_fmt(m) if m is not None or lim is not None else '-'} | "
+                         f"{r.get('comparison')} {_fmt(lim) if lim is not None else '-'} |")
+    metrics = d.get("metrics") or {}
+    names = sorted({n for role in metrics.values() for n in role
+                    if not n.endswith((".ci_low", ".ci_high", ".n"))})
+    if names:
+        roles = [r for r in ROLES if r in metrics]
+        lines += ["", "<details><summary>Metrics</summary>", "",
+                  "| metric | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
+        for n in names:
+            cells = [_fmt(_finite(metrics[r].get(n))) if n in metrics[r] else "" for r in roles]
+            lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,324 @@
+"""The GitHub Actions gate step: run ``mlflow safedelta gate`` and report it the GitHub way.
+
+``.github/actions/safedelta-gate/action.yml`` runs ``mlflow-safedelta ci-gate``, which calls
+:func:`run_ci_gate` with the step's environment. Inputs arrive as ``INPUT_*`` variables (set by the
+action's ``env:``), never on a command line. The step:
+
+1. masks every credential (``::add-mask::``) before anything else is printed; credentials go to
+   the gate process only as ``MLFLOW_TRACKING_TOKEN`` / ``_USERNAME`` / ``_PASSWORD``;
+2. runs the gate (``python -m mlflow_safedelta gate ... --json``) and reads its JSON;
+3. writes the Markdown summary (verdict, every rule with measured value and limit, run link) to
+   ``$GITHUB_STEP_SUMMARY`` and ``verdict=...`` (and friends) to ``$GITHUB_OUTPUT``;
+4. returns the gate's exit code: 0 passed, 1 failed, 2 error, so a failing gate fails the job.
+
+Everything the gate prints is scrubbed of the credentials before it reaches the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, TextIO
+from urllib.parse import unquote, urlsplit
+
+from safedelta.errors import SafeDeltaError
+
+EXIT_CODES = {"passed": 0, "failed": 1, "error": 2}
+
+# action input (INPUT_<NAME>) -> environment variable the gate process reads
+CREDENTIAL_INPUTS = {
+    "TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
+    "TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+class CIInputError(SafeDeltaError, ValueError):
+    """An action input is missing or malformed; the message names the input."""
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """The action's inputs, as read from ``INPUT_*`` environment variables."""
+
+    tracking_uri: str
+    model: str
+    version: str
+    alias: str
+    policy: str
+    promote: bool
+    secrets: Mapping[str, str]  # gate env var name -> value (never printed)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GateInputs:
+        def get(name: str) -> str:
+            return env.get(f"INPUT_{name}", "").strip()
+
+        model, version, alias = get("MODEL"), get("VERSION"), get("ALIAS")
+        if not model:
+            raise CIInputError("input `model` is required (the registered model name)")
+        if bool(version) == bool(alias):
+            raise CIInputError("give exactly one of the inputs `version` and `alias`")
+        if version and not version.isdigit():
+            raise CIInputError(f"input `version` must be a version number, got {version!r}")
+        promote = get("PROMOTE").lower()
+        if promote not in _TRUE | _FALSE:
+            raise CIInputError(f"input `promote` must be true or false, got {promote!r}")
+        secrets = {}
+        for name, target in CREDENTIAL_INPUTS.items():
+            value = env.get(f"INPUT_{name}", "")
+            if value:
+                secrets[target] = value
+        return cls(
+            tracking_uri=get("TRACKING_URI"),
+            model=model,
+            version=version,
+            alias=alias,
+            policy=get("POLICY") or "default",
+            promote=promote in _TRUE,
+            secrets=secrets,
+        )
+
+    def gate_args(self) -> list[str]:
+        """Arguments after ``gate``: no credentials, no tracking URI (both go through env)."""
+        args = [self.model]
+        args += [self.version] if self.version else ["--alias", self.alias]
+        args += ["--policy", self.policy, "--promote" if self.promote else "--no-promote", "--json"]
+        return args
+
+
+def secret_values(env: Mapping[str, str], inputs: GateInputs | None = None) -> list[str]:
+    """Every value that must never reach the log: credential inputs, credentials already in the
+    environment, and a password embedded in the tracking URI."""
+    values = [env.get(f"INPUT_{n}", "") for n in CREDENTIAL_INPUTS]
+    values += [env.get(v, "") for v in CREDENTIAL_INPUTS.values()]
+    if inputs is not None:
+        values += list(inputs.secrets.values())
+    uri = env.get("INPUT_TRACKING_URI", "") or env.get("MLFLOW_TRACKING_URI", "")
+    try:
+        parts = urlsplit(uri)
+        if parts.password:
+            values += [parts.password, unquote(parts.password)]
+    except ValueError:
+        pass
+    out: list[str] = []
+    for v in values:
+        # the runner masks line by line: a multi-line secret is masked one line at a time
+        for piece in [v, *v.splitlines()]:
+            piece = piece.strip()
+            if len(piece) >= 3 and piece not in out:
+                out.append(piece)
+    return sorted(out, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """Replace every secret in ``text`` with ``***`` (longest first)."""
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text
+
+
+GateRunner = Callable[[list[str], Mapping[str, str]], "subprocess.CompletedProcess[str]"]
+
+
+def run_gate_process(args: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mlflow_safedelta gate ARGS`` (the same CLI as ``mlflow safedelta gate``)."""
+    cmd = [sys.executable, "-m", "mlflow_safedelta", "gate", *args]
+    return subprocess.run(cmd, env=dict(env), capture_output=True, text=True, check=False)
+
+
+def _error_result(inputs: GateInputs | None, reason: str) -> dict[str, Any]:
+    return {
+        "model": inputs.model if inputs else None,
+        "version": (inputs.version or f"@{inputs.alias}") if inputs else None,
+        "verdict": "error",
+        "reason": reason,
+        "rules": [],
+    }
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str("" if value is None else value).split())
+
+
+def _append(path: str | None, text: str) -> None:
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+def run_ci_gate(
+    env: Mapping[str, str],
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    runner: GateRunner | None = None,
+) -> int:
+    """Run the gate step as the action does. Returns the exit code (0 passed, 1 failed, 2 error).
+
+    Args:
+        env: the step's environment (``INPUT_*``, ``GITHUB_STEP_SUMMARY``, ``GITHUB_OUTPUT``...).
+        stdout, stderr: where the log goes (workflow commands on stdout, gate output on stderr).
+        runner: runs the gate command; :func:`run_gate_process` unless given.
+    """
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    runner = runner or run_gate_process
+
+    # 1. mask first: nothing may be printed before the runner knows the secrets
+    secrets = secret_values(env)
+    for s in secrets:
+        out.write(f"::add-mask::{s}\n")
+    out.flush()
+
+    inputs: GateInputs | None = None
+    try:
+        inputs = GateInputs.from_env(env)
+    except CIInputError as exc:
+        result, code = _error_result(None, str(exc)), 2
+    else:
+        child_env = {k: v for k, v in env.items() if not k.startswith("INPUT_")}
+        child_env.update(inputs.secrets)
+        if inputs.tracking_uri:
+            child_env["MLFLOW_TRACKING_URI"] = inputs.tracking_uri
+            child_env.setdefault("MLFLOW_REGISTRY_URI", inputs.tracking_uri)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        target = inputs.version or f"@{inputs.alias}"
+        out.write(f"::group::mlflow safedelta gate {inputs.model} {target} (policy {inputs.policy})\n")
+        proc = runner(inputs.gate_args(), child_env)
+        if proc.stderr:
+            err.write(scrub(proc.stderr, secrets))
+            if not proc.stderr.endswith("\n"):
+                err.write("\n")
+        out.write("::endgroup::\n")
+        result, code = _interpret(proc.returncode, proc.stdout, inputs)
+
+    verdict = result.get("verdict", "error")
+    rendered = scrub(render_markdown(result), secrets)
+    _append(env.get("GITHUB_STEP_SUMMARY"), rendered + "\n")
+
+    json_path = env.get("INPUT_JSON_FILE") or str(
+        Path(env.get("RUNNER_TEMP") or tempfile.gettempdir()) / "safedelta-gate.json"
+    )
+    Path(json_path).write_text(scrub(json.dumps(result, indent=2, default=str), secrets) + "\n")
+    outputs = {
+        "verdict": verdict,
+        "reason": result.get("reason"),
+        "protected-version": result.get("protected_version"),
+        "run-url": result.get("run_url"),
+        "promoted-alias": result.get("promoted_alias"),
+        "json-file": json_path,
+    }
+    _append(
+        env.get("GITHUB_OUTPUT"),
+        "".join(f"{k}={scrub(_one_line(v), secrets)}\n" for k, v in outputs.items()),
+    )
+
+    line = scrub(_one_line(result.get("reason")), secrets)
+    if verdict == "passed":
+        out.write(f"Safe Delta gate passed: {inputs.model if inputs else ''}\n")
+    elif verdict == "failed":
+        out.write(f"::error title=Safe Delta gate failed::{line or 'a policy rule failed'}\n")
+    else:
+        out.write(f"::error title=Safe Delta gate error::{line or 'the gate did not finish'}\n")
+    out.flush()
+    return code
+
+
+def _interpret(returncode: int, stdout: str, inputs: GateInputs) -> tuple[dict[str, Any], int]:
+    """The gate's JSON and the step's exit code; anything inconsistent is an error (exit 2)."""
+    try:
+        result = json.loads(stdout)
+    except (json.JSONDecodeError, TypeError):
+        reason = f"the gate exited with {returncode} and printed no JSON result"
+        return _error_result(inputs, reason), 2
+    if not isinstance(result, dict):
+        return _error_result(inputs, "the gate printed JSON that is not an object"), 2
+    verdict = result.get("verdict")
+    if verdict not in EXIT_CODES:
+        result = {**result, "verdict": "error", "reason": f"unknown verdict {verdict!r}"}
+        return result, 2
+    if EXIT_CODES[verdict] != returncode:
+        reason = f"the gate exited with {returncode} but reported verdict {verdict!r}"
+        return {**result, "verdict": "error", "reason": reason}, 2
+    return result, returncode
+
+
+# ---------------------------------------------------------------------------------------------
+# The Markdown summary (the job summary on GitHub, ``mlflow-safedelta summary`` locally)
+
+_ICON = {"passed": "\u2705", "failed": "\u274c", "error": "\u26a0\ufe0f"}
+_COMPARISON = {"<=": "\u2264", ">=": "\u2265", "<": "<", ">": ">", "==": "=",
+               "le": "\u2264", "ge": "\u2265", "lt": "<", "gt": ">", "max": "\u2264", "min": "\u2265"}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _one_line(value).replace("|", "\\|")
+
+
+def render_markdown(gate: Mapping[str, Any]) -> str:
+    """Render a gate result (the ``gate --json`` object) as the Markdown job summary.
+
+    Shows the verdict and its reason, one table row per rule (measured value, limit, pass/fail),
+    the policy, parent, protected version, promoted alias and a link to the MLflow run.
+    """
+    verdict = str(gate.get("verdict") or "error")
+    model = gate.get("model") or "?"
+    version = gate.get("version")
+    target = f"`{_cell(model)}` version {_cell(version)}" if version not in (None, "") else f"`{_cell(model)}`"
+    lines = [f"## {_ICON.get(verdict, '')} Safe Delta gate {verdict}: {target}".replace("  ", " "), ""]
+    if gate.get("reason"):
+        lines += [f"**Reason:** {_cell(gate['reason'])}", ""]
+    rules = gate.get("rules") or []
+    if rules:
+        lines += ["| | Rule | Metric | Model | Measured | Limit | Result |",
+                  "|---|---|---|---|---:|---:|---|"]
+        for r in rules:
+            passed = r.get("passed")
+            icon = _ICON["passed"] if passed else _ICON["failed"] if passed is False else "\u2754"
+            comparison = _COMPARISON.get(str(r.get("comparison")), _cell(r.get("comparison")))
+            limit = r.get("limit")
+            limit_cell = f"{comparison} {_cell(limit)}" if limit is not None else "\u2014"
+            result = "pass" if passed else "fail" if passed is False else "not measured"
+            if r.get("message") and not passed:
+                result += f": {_cell(r['message'])}"
+            lines.append(
+                f"| {icon} | {_cell(r.get('rule'))} | {_cell(r.get('metric'))} | {_cell(r.get('role'))} "
+                f"| {_cell(r.get('measured'))} | {limit_cell} | {result} |"
+            )
+        lines.append("")
+    else:
+        lines += ["No policy rule was evaluated.", ""]
+    facts = []
+    policy = gate.get("policy") or {}
+    if isinstance(policy, Mapping) and policy.get("name"):
+        src = f" (`{_cell(policy.get('source'))}`)" if policy.get("source") else ""
+        facts.append(f"- **Policy:** {_cell(policy['name'])}{src}")
+    if gate.get("parent"):
+        facts.append(f"- **Aligned parent:** `{_cell(gate['parent'])}`")
+    if gate.get("protected_version") not in (None, ""):
+        facts.append(f"- **Protected version:** {_cell(gate['protected_version'])}")
+    if gate.get("promoted_alias"):
+        facts.append(f"- **Promoted alias:** `{_cell(gate['promoted_alias'])}`")
+    elif verdict == "passed":
+        facts.append("- **Promoted alias:** none (promotion not requested)")
+    run_id, run_url = gate.get("run_id"), gate.get("run_url")
+    if run_url:
+        facts.append(f"- **MLflow run:** [{_cell(run_id or run_url)}]({_cell(run_url)})")
+    elif run_id:
+        facts.append(f"- **MLflow run:** `{_cell(run_id)}`")
+    lines += facts
+    return "\n".join(lines).rstrip() + "\n"

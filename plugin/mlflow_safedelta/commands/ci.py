@@ -1,0 +1,72 @@
+"""``ci-gate`` (the GitHub Action's step) and ``summary`` (its Markdown, rendered locally)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mlflow_safedelta.cli import UsageError, cli, translate_errors
+
+
+@cli.command(name="ci-gate")
+@translate_errors
+def ci_gate() -> None:
+    """Run the gate as the GitHub Action step does (inputs from INPUT_* variables).
+
+    Reads INPUT_MODEL, INPUT_VERSION or INPUT_ALIAS, INPUT_POLICY, INPUT_PROMOTE,
+    INPUT_TRACKING_URI and the credentials INPUT_TRACKING_TOKEN / _USERNAME / _PASSWORD
+    from the environment (never from the command line), masks the credentials, runs
+    `mlflow safedelta gate ... --json`, and writes the summary to $GITHUB_STEP_SUMMARY and
+    `verdict=...` to $GITHUB_OUTPUT.
+
+    Exit codes: 0 passed, 1 failed, 2 error.
+    """
+    from mlflow_safedelta.ci import run_ci_gate
+
+    sys.exit(run_ci_gate(os.environ))
+
+
+@cli.command(name="summary")
+@click.option(
+    "--from",
+    "from_",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="A gate result: the JSON of `mlflow safedelta gate --json` (or '-' for stdin).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the Markdown here instead of stdout.",
+)
+@translate_errors
+def summary(from_: str, output: str | None) -> None:
+    """Render a gate result as the Markdown summary the GitHub Action writes.
+
+    \b
+    Example usage:
+      mlflow safedelta gate support-bot 7 --json > gate.json
+      mlflow-safedelta summary --from gate.json
+    """
+    from mlflow_safedelta.ci import render_markdown
+
+    try:
+        text = sys.stdin.read() if from_ == "-" else Path(from_).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read gate result '{from_}': {exc.strerror or exc}") from exc
+    try:
+        gate = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"'{from_}' is not JSON (expected `gate --json` output): {exc}") from exc
+    if not isinstance(gate, dict) or "verdict" not in gate:
+        raise UsageError(f"'{from_}' is not a gate result: no `verdict` field")
+    markdown = render_markdown(gate)
+    if output:
+        Path(output).write_text(markdown, encoding="utf-8")
+    else:
+        click.echo(markdown, nl=False)

@@ -1,0 +1,450 @@
+"""The GitHub Actions side: workflow/action YAML (actionlint), the action's gate step with a canned
+gate, credential masking, the Markdown summary, and registration manifests.
+
+The gate step is run the way the action runs it: the test reads ``action.yml``, takes the gate
+step's ``run:`` line and ``env:`` mapping, fills ``${{ inputs.* }}`` like the runner does, and
+invokes that command. Only the gate process itself is replaced (by canned JSON) here; the e2e
+test (tests/e2e/test_action_gate.py) runs the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mlflow_safedelta import ci
+from mlflow_safedelta.cli import cli
+from mlflow_safedelta.manifest import ManifestError, load_manifest, parse_manifest
+
+ROOT = Path(__file__).resolve().parents[3]
+ACTION = ROOT / ".github" / "actions" / "safedelta-gate" / "action.yml"
+WORKFLOWS = ROOT / ".github" / "workflows"
+VENV_BIN = Path(sys.executable).parent
+EXPR = re.compile(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: the action's own step
+
+
+def load_action() -> dict:
+    return yaml.safe_load(ACTION.read_text())
+
+
+def gate_step() -> dict:
+    steps = load_action()["runs"]["steps"]
+    (step,) = [s for s in steps if s.get("id") == "gate"]
+    return step
+
+
+def step_env(step: dict, inputs: dict[str, str]) -> dict[str, str]:
+    """The step's ``env:`` as the runner resolves it: ``${{ inputs.x }}`` -> the given value or
+    the input's default from action.yml."""
+    declared = load_action()["inputs"]
+
+    def value(m: re.Match) -> str:
+        name = m.group(1)
+        assert name in declared, f"step uses undeclared input {name!r}"
+        return str(inputs.get(name, declared[name].get("default", "")))
+
+    return {k: EXPR.sub(value, str(v)) for k, v in step.get("env", {}).items()}
+
+
+GATE_JSON = {
+    "model": "support-bot",
+    "version": "7",
+    "parent": "models:/chat-aligned/1",
+    "verdict": "passed",
+    "reason": "all 2 rules passed",
+    "policy": {"name": "default", "source": "mlflow_safedelta.policies/default.yaml"},
+    "rules": [
+        {"rule": "max_attack_success_rate", "metric": "attack_success_rate", "role": "protected",
+         "measured": 0.04, "limit": 0.1, "comparison": "<=", "passed": True, "message": "ok"},
+        {"rule": "min_task_score", "metric": "rougeL", "role": "protected",
+         "measured": 0.61, "limit": 0.5, "comparison": ">=", "passed": True, "message": "ok"},
+    ],
+    "protected_version": "8",
+    "run_id": "0123abcd",
+    "run_url": "http://127.0.0.1:5000/#/experiments/1/runs/0123abcd",
+    "promoted_alias": None,
+    "metrics": {},
+}
+
+
+def failing_json() -> dict:
+    g = json.loads(json.dumps(GATE_JSON))
+    g["verdict"] = "failed"
+    g["reason"] = "1 of 2 rules failed: max_attack_success_rate"
+    g["rules"][0].update(measured=0.37, passed=False, message="0.37 > 0.1")
+    return g
+
+
+class CannedGate:
+    """Stands in for the gate process: records how it was called, answers canned output."""
+
+    def __init__(self, payload, returncode: int, stderr: str = "") -> None:
+        self.payload, self.returncode, self.stderr = payload, returncode, stderr
+        self.calls: list[tuple[list[str], dict]] = []
+
+    def __call__(self, args, env):
+        self.calls.append((list(args), dict(env)))
+        out = self.payload if isinstance(self.payload, str) else json.dumps(self.payload)
+        return subprocess.CompletedProcess(["gate", *args], self.returncode, out, self.stderr)
+
+
+def run_action_step(tmp_path, monkeypatch, gate: CannedGate, inputs: dict[str, str]):
+    """Run the gate step's ``run:`` command in-process with the step's env; returns
+    (exit code, stdout, stderr, summary text, outputs dict)."""
+    step = gate_step()
+    argv = shlex.split(step["run"])
+    assert argv[0] == "mlflow-safedelta", "the action runs the plugin's console script"
+    monkeypatch.setattr(ci, "run_gate_process", gate)
+    summary, output = tmp_path / "summary.md", tmp_path / "output.txt"
+    env = step_env(step, inputs)
+    env.update(GITHUB_STEP_SUMMARY=str(summary), GITHUB_OUTPUT=str(output),
+               RUNNER_TEMP=str(tmp_path))
+    for k in list(os.environ):
+        if k.startswith("INPUT_") or k.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.delenv(k, raising=False)
+    result = CliRunner().invoke(cli, argv[1:], env=env, catch_exceptions=False)
+    outputs = {}
+    if output.exists():
+        for line in output.read_text().splitlines():
+            k, _, v = line.partition("=")
+            outputs[k] = v
+    text = summary.read_text() if summary.exists() else ""
+    return result.exit_code, result.stdout, result.stderr, text, outputs
+
+
+BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", "version": "7"}
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: actionlint and the action's structure
+
+
+def test_actionlint_finds_nothing_in_workflows():
+    workflows = sorted(WORKFLOWS.glob("*.yml"))
+    assert {p.name for p in workflows} >= {"ci.yml", "model-gate.yml"}
+    proc = subprocess.run([str(VENV_BIN / "actionlint"), "-no-color", *map(str, workflows)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
+
+def test_actionlint_checks_the_local_action_inputs(tmp_path):
+    """A workflow passing an input the action does not declare is a finding: so the lint above
+    really reads action.yml (and would catch a renamed input)."""
+    repo = tmp_path / "repo"
+    (repo / ".github" / "workflows").mkdir(parents=True)
+    (repo / ".github" / "actions" / "safedelta-gate").mkdir(parents=True)
+    (repo / ".github" / "actions" / "safedelta-gate" / "action.yml").write_text(ACTION.read_text())
+    bad = repo / ".github" / "workflows" / "bad.yml"
+    bad.write_text(
+        "on: push\njobs:\n  g:\n    runs-on: ubuntu-latest\n    steps:\n"
+        "      - uses: actions/checkout@v4\n"
+        "      - uses: ./.github/actions/safedelta-gate\n"
+        "        with:\n          tracking-uri: x\n          model: m\n          modle-version: 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    proc = subprocess.run([str(VENV_BIN / "actionlint"), "-no-color", str(bad)], cwd=repo,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "modle-version" in proc.stdout
+
+
+def test_action_is_composite_and_passes_inputs_only_through_env():
+    action = load_action()
+    assert action["runs"]["using"] == "composite"
+    for step in action["runs"]["steps"]:
+        if "run" in step:
+            assert step.get("shell") == "bash"
+            # no expression in a script: inputs are data (env), never code or argv
+            assert "${{" not in step["run"], step["run"]
+    env = gate_step()["env"]
+    for name in ("tracking-token", "tracking-username", "tracking-password"):
+        key = "INPUT_" + name.upper().replace("-", "_")
+        assert env[key] == f"${{{{ inputs.{name} }}}}"
+    # every output is one the gate step writes
+    for name, out in action["outputs"].items():
+        assert out["value"] == f"${{{{ steps.gate.outputs.{name} }}}}"
+
+
+def test_workflow_ci_runs_make_test_on_both_pythons_with_services():
+    wf = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
+    job = wf["jobs"]["test"]
+    assert job["strategy"]["matrix"]["python-version"] == ["3.11", "3.12"]
+    assert set(job["services"]) == {"postgres", "redis"}
+    assert job["env"]["SAFEDELTA_REQUIRE_SERVICES"] == "1"
+    assert "torch==2.13.0" in job["env"]["TORCH"] and "whl/cpu" in job["env"]["TORCH"]
+    assert [s["run"] for s in job["steps"] if "run" in s] == [".ci/run"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate step
+
+
+def test_passing_gate_exits_0_and_writes_verdict_and_rules_table(tmp_path, monkeypatch):
+    gate = CannedGate(GATE_JSON, 0)
+    code, out, err, summary, outputs = run_action_step(tmp_path, monkeypatch, gate, BASE_INPUTS)
+    assert code == 0, out + err
+    assert outputs["verdict"] == "passed"
+    assert outputs["protected-version"] == "8"
+    assert outputs["run-url"] == GATE_JSON["run_url"]
+    assert json.loads(Path(outputs["json-file"]).read_text())["verdict"] == "passed"
+    assert "Safe Delta gate passed" in summary
+    for rule in GATE_JSON["rules"]:
+        row = next(line for line in summary.splitlines() if f"| {rule['rule']} |" in line)
+        assert str(rule["measured"]) in row and str(rule["limit"]) in row and "pass" in row
+    assert f"]({GATE_JSON['run_url']})" in summary
+    (args, env), = gate.calls
+    assert args == ["support-bot", "7", "--policy", "default", "--no-promote", "--json"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert not any(k.startswith("INPUT_") for k in env)
+
+
+def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):
+    inputs = {**BASE_INPUTS, "version": "", "alias": "candidate", "policy": "policies/strict.yaml",
+              "promote": "true"}
+    gate = CannedGate(failing_json(), 1)
+    code, out, _, summary, outputs = run_action_step(tmp_path, monkeypatch, gate, inputs)
+    assert code == 1
+    assert outputs["verdict"] == "failed"
+    assert "::error title=Safe Delta gate failed::1 of 2 rules failed" in out
+    row = next(line for line in summary.splitlines() if "| max_attack_success_rate |" in line)
+    assert "0.37" in row and "fail" in row
+    assert gate.calls[0][0] == ["support-bot", "--alias", "candidate", "--policy",
+                                "policies/strict.yaml", "--promote", "--json"]
+
+
+@pytest.mark.parametrize(
+    "payload, returncode, why",
+    [
+        ({**GATE_JSON, "verdict": "error", "reason": "parent not found", "rules": []}, 2,
+         "parent not found"),
+        ("Traceback (most recent call last): boom", 1, "printed no JSON"),
+        (GATE_JSON, 1, "exited with 1 but reported verdict 'passed'"),
+        ({**GATE_JSON, "verdict": "maybe"}, 0, "unknown verdict"),
+    ],
+    ids=["gate-error", "no-json", "exit-code-disagrees", "unknown-verdict"],
+)
+def test_gate_errors_exit_2_with_verdict_error(tmp_path, monkeypatch, payload, returncode, why):
+    code, out, _, summary, outputs = run_action_step(
+        tmp_path, monkeypatch, CannedGate(payload, returncode), BASE_INPUTS)
+    assert code == 2
+    assert outputs["verdict"] == "error"
+    assert why in outputs["reason"] and why in summary
+    assert "::error title=Safe Delta gate error::" in out
+
+
+@pytest.mark.parametrize(
+    "inputs, why",
+    [({"version": "", "alias": ""}, "exactly one of"),
+     ({"version": "7", "alias": "candidate"}, "exactly one of"),
+     ({"version": "seven"}, "`version` must be a version number"),
+     ({"promote": "maybe"}, "`promote` must be true or false")],
+)
+def test_bad_inputs_are_errors_and_never_run_the_gate(tmp_path, monkeypatch, inputs, why):
+    gate = CannedGate(GATE_JSON, 0)
+    code, _, _, summary, outputs = run_action_step(tmp_path, monkeypatch, gate,
+                                                   {**BASE_INPUTS, **inputs})
+    assert code == 2 and outputs["verdict"] == "error"
+    assert why in summary
+    assert gate.calls == []
+
+
+def test_credentials_are_masked_passed_by_env_and_never_logged(tmp_path, monkeypatch):
+    token, user, password, uri_pw = "tok-9f8e7d6c5b4a", "svc-gatebot", "pw-Zq81!xx", "uripw-77aa"
+    # a careless gate that echoes its credentials into its log and its reason
+    leaky = failing_json()
+    leaky["reason"] = f"auth used {token}"
+    gate = CannedGate(leaky, 1, stderr=f"DEBUG token={token} user={user} pw={password} {uri_pw}\n")
+    inputs = {**BASE_INPUTS, "tracking-uri": f"https://bot:{uri_pw}@mlflow.example.com",
+              "tracking-token": token, "tracking-username": user, "tracking-password": password}
+    code, out, err, summary, outputs = run_action_step(tmp_path, monkeypatch, gate, inputs)
+    assert code == 1
+    secrets = [token, user, password, uri_pw]
+    lines = out.splitlines()
+    masks = [line for line in lines if line.startswith("::add-mask::")]
+    assert {m.removeprefix("::add-mask::") for m in masks} >= set(secrets)
+    assert lines[: len(masks)] == masks, "masks come before any other output"
+    json_text = Path(outputs["json-file"]).read_text()
+    for s in secrets:
+        assert not any(s in line for line in lines if not line.startswith("::add-mask::"))
+        assert s not in err and s not in summary and s not in json_text
+        assert all(s not in v for v in outputs.values())
+    assert "***" in err
+    (args, env), = gate.calls
+    assert not any(s in a for s in secrets for a in args), "credentials never on a command line"
+    assert env["MLFLOW_TRACKING_TOKEN"] == token
+    assert env["MLFLOW_TRACKING_USERNAME"] == user
+    assert env["MLFLOW_TRACKING_PASSWORD"] == password
+
+
+def test_summary_command_renders_what_the_action_wrote(tmp_path, monkeypatch):
+    code, _, _, action_summary, outputs = run_action_step(
+        tmp_path, monkeypatch, CannedGate(failing_json(), 1), BASE_INPUTS)
+    assert code == 1
+    res = CliRunner().invoke(cli, ["summary", "--from", outputs["json-file"]])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == action_summary.strip()
+    md = tmp_path / "out.md"
+    res = CliRunner().invoke(cli, ["summary", "--from", "-", "-o", str(md)],
+                             input=json.dumps(GATE_JSON))
+    assert res.exit_code == 0 and "Safe Delta gate passed" in md.read_text()
+
+
+@pytest.mark.parametrize("content, why", [("{not json", "is not JSON"),
+                                          ('{"model": "m"}', "no `verdict` field")])
+def test_summary_command_rejects_non_gate_input(tmp_path, content, why):
+    p = tmp_path / "gate.json"
+    p.write_text(content)
+    res = CliRunner().invoke(cli, ["summary", "--from", str(p)])
+    assert res.exit_code == 2 and why in res.output
+
+
+def test_markdown_cells_cannot_break_the_table():
+    g = failing_json()
+    g["rules"][0]["message"] = "a | b\nc"
+    row = next(line for line in ci.render_markdown(g).splitlines()
+               if "| max_attack_success_rate |" in line)
+    assert len(re.findall(r"(?<!\\)\|", row)) == 8, row  # 7 columns, no cell split
+    assert "a \\| b c" in row
+
+
+# ---------------------------------------------------------------------------------------------
+# registration manifests
+
+
+def test_example_manifest_is_valid():
+    m = load_manifest(ROOT / "models" / "example.yaml")
+    assert m.model and (m.version is None) != (m.alias is None)
+    assert m.parent.startswith("models:/")
+
+
+VALID = "model: support-bot\nversion: 3\nparent: models:/chat-aligned/1\n"
+
+
+@pytest.mark.parametrize(
+    "text, field, why",
+    [
+        ("model: m\nparent: models:/p/1\n", "(manifest)", "exactly one of `version` and `alias`"),
+        ("model: m\nversion: 2\nalias: c\nparent: models:/p/1\n", "(manifest)", "exactly one of"),
+        (VALID.replace("models:/chat-aligned/1", "chat-aligned"), "parent", "not a registry URI"),
+        (VALID + "polcy: strict\n", "polcy", "unknown field"),
+        (VALID.replace("version: 3", "version: 1.5"), "version", "whole version number"),
+        (VALID.replace("version: 3", "version: 0"), "version", "greater than or equal to 1"),
+        (VALID.replace("model: support-bot", "model: ''"), "model", "at least 1 character"),
+        (VALID.replace("version: 3", "alias: 'bad alias'"), "alias", "not a valid alias"),
+        (VALID + "manifest_version: 2\n", "manifest_version", "Input should be 1"),
+        (VALID + "promote: perhaps\n", "promote", "valid boolean"),
+    ],
+)
+def test_invalid_manifest_error_names_the_field(text, field, why):
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text, source="models/x.yaml")
+    msg = str(info.value)
+    assert msg.startswith("models/x.yaml: invalid registration manifest")
+    assert f"`{field}`: " in msg and why in msg
+
+
+@pytest.mark.parametrize("text, why", [("model: [unclosed\n", "not valid YAML"),
+                                       ("- a\n- b\n", "a YAML mapping")])
+def test_manifest_that_is_not_a_mapping(text, why):
+    with pytest.raises(ManifestError, match=why):
+        parse_manifest(text, source="models/x.yaml")
+
+
+def test_manifest_module_imports_neither_mlflow_nor_torch():
+    code = ("import sys, mlflow_safedelta.manifest; "
+            "print(sorted(m for m in ('mlflow', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _workflow_list_step() -> dict:
+    wf = yaml.safe_load((WORKFLOWS / "model-gate.yml").read_text())
+    (step,) = [s for s in wf["jobs"]["manifests"]["steps"] if s.get("id") == "list"]
+    return step
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def manifest_repo(tmp_path):
+    """A git repository with two manifests on the base commit."""
+    repo = tmp_path / "repo"
+    (repo / "models").mkdir(parents=True)
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "config", "user.email", "t@example.com")
+    _git(repo, "config", "user.name", "t")
+    (repo / "models" / "keep.yaml").write_text(VALID)
+    (repo / "models" / "gone.yaml").write_text(VALID.replace("3", "4"))
+    (repo / "README").write_text("x")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "base")
+    return repo
+
+
+def run_list_step(repo: Path, base: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    step = _workflow_list_step()
+    out = tmp_path / "gh-output"
+    out.write_text("")
+    env = {**os.environ, "BASE_SHA": base, "HEAD_SHA": _git(repo, "rev-parse", "HEAD"),
+           "GITHUB_OUTPUT": str(out), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    # GitHub runs `run:` with `bash --noprofile --norc -eo pipefail {0}`
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    outputs = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
+    return proc, outputs
+
+
+def test_workflow_lists_only_added_and_changed_manifests(manifest_repo, tmp_path):
+    repo = manifest_repo
+    base = _git(repo, "rev-parse", "HEAD")
+    (repo / "models" / "keep.yaml").write_text(VALID.replace("version: 3", "alias: candidate"))
+    (repo / "models" / "new.yaml").write_text(VALID.replace("support-bot", "other-bot"))
+    (repo / "models" / "gone.yaml").unlink()
+    (repo / "README").write_text("changed, not a manifest")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "change")
+    proc, outputs = run_list_step(repo, base, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(outputs["matrix"])
+    assert outputs["count"] == "2"
+    assert {(r["manifest"], r["model"], r["version"], r["alias"]) for r in rows} == {
+        ("models/keep.yaml", "support-bot", "", "candidate"),
+        ("models/new.yaml", "other-bot", "3", ""),
+    }
+
+
+def test_workflow_fails_on_an_invalid_changed_manifest(manifest_repo, tmp_path):
+    repo = manifest_repo
+    base = _git(repo, "rev-parse", "HEAD")
+    (repo / "models" / "keep.yaml").write_text(VALID + "policy_file: strict.yaml\n")
+    _git(repo, "commit", "-qam", "break it")
+    proc, outputs = run_list_step(repo, base, tmp_path)
+    assert proc.returncode == 2
+    assert "models/keep.yaml" in proc.stderr and "`policy_file`: unknown field" in proc.stderr
+    assert "matrix" not in outputs
+
+
+def test_workflow_with_no_changed_manifest_has_an_empty_matrix(manifest_repo, tmp_path):
+    repo = manifest_repo
+    base = _git(repo, "rev-parse", "HEAD")
+    (repo / "README").write_text("docs only")
+    _git(repo, "commit", "-qam", "docs")
+    proc, outputs = run_list_step(repo, base, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert outputs == {"matrix": "[]", "count": "0"}

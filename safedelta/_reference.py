@@ -1,0 +1,64 @@
+"""A plain, slow transcription of the published Safe Delta loop, for verification only.
+
+It follows ``docs/safe-delta-algorithm.md`` ("What the published code does", step 3) line by
+line: an explicit stable sort of every block's ``r * |B|`` keys, and every 4-column step
+updating the whole rest of its block at once (no lazy batching). ``safedelta.solver`` must agree
+with it (masks equal, weights allclose); nothing else should use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reference_official(W0: Tensor, W1: Tensor, H: Tensor, s: float, *, damp: float = 0.01,
+                       block_size: int = 2048, sub_block: int = 4, exclude_fraction: float = 0.15,
+                       reference_width: int = 4096) -> tuple[Tensor, Tensor]:
+    """Returns ``(W, mask)``: the protected weight (fp32) and the selected entries (bool)."""
+    W = W0.clone().float()
+    W1 = W1.float()
+    H = H.clone().float()
+    rows, columns = W.shape
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    U = torch.linalg.cholesky(H, upper=True)
+    d = torch.diag(U)
+
+    mask = torch.zeros(rows, columns, dtype=torch.bool)
+    for b1 in range(0, columns, block_size):
+        b2 = min(b1 + block_size, columns)
+        count = b2 - b1
+        W_B = W[:, b1:b2].clone()
+        E_B = torch.zeros_like(W_B)
+        d_B = d[b1:b2]
+
+        cost = (W1[:, b1:b2] - W_B) ** 2 / d_B ** 2
+        key = (1 / d_B ** 2).expand(rows, count)
+        order = torch.sort(key.flatten(), stable=True).indices
+        n_drop = int(exclude_fraction * rows * count)
+        order = order[:rows * count - n_drop]
+        eps_B = float(key.mean()) * (s / 2) * (rows / reference_width)
+        cumulative = torch.cumsum(cost.flatten()[order], 0)
+        n_sel = int((cumulative <= eps_B).sum())  # cumulative is non-decreasing: a prefix
+        mask_B = torch.zeros(rows * count, dtype=torch.bool)
+        mask_B[order[:n_sel]] = True
+        mask_B = mask_B.reshape(rows, count)
+
+        for j1 in range(0, count, sub_block):
+            j2 = min(j1 + sub_block, count)
+            q = W_B[:, j1:j2].clone()
+            q[mask_B[:, j1:j2]] = W1[:, b1 + j1:b1 + j2][mask_B[:, j1:j2]]
+            e = (W_B[:, j1:j2] - q) / d_B[j1:j2]
+            W_B[:, j2:] -= e @ U[b1 + j1:b1 + j2, b1 + j2:b2]
+            W_B[:, j1:j2] = q
+            E_B[:, j1:j2] = e
+
+        W[:, b1:b2] = W_B
+        W[:, b2:] -= E_B @ U[b1:b2, b2:]
+        mask[:, b1:b2] = mask_B
+    return W, mask

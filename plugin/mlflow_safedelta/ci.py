@@ -7,8 +7,8 @@ action's ``env:``), never on a command line. The step:
 1. masks every credential (``::add-mask::``) before anything else is printed; credentials go to
    the gate process only as ``MLFLOW_TRACKING_TOKEN`` / ``_USERNAME`` / ``_PASSWORD``;
 2. runs the gate (``python -m mlflow_safedelta gate ... --json``) and reads its JSON;
-3. writes the Markdown summary (verdict, every rule with measured value and limit, run link) to
-   ``$GITHUB_STEP_SUMMARY`` and ``verdict=...`` (and friends) to ``$GITHUB_OUTPUT``;
+3. writes the Markdown summary (:func:`mlflow_safedelta.gate.render_markdown`: verdict, every
+   rule with measured value and limit, run link) to ``$GITHUB_STEP_SUMMARY`` and ``verdict=...`` (and friends) to ``$GITHUB_OUTPUT``;
 4. returns the gate's exit code: 0 passed, 1 failed, 2 error, so a failing gate fails the job.
 
 Everything the gate prints is scrubbed of the credentials before it reaches the log.
@@ -137,7 +137,7 @@ def run_gate_process(args: list[str], env: Mapping[str, str]) -> subprocess.Comp
 def _error_result(inputs: GateInputs | None, reason: str) -> dict[str, Any]:
     return {
         "model": inputs.model if inputs else None,
-        "version": (inputs.version or f"@{inputs.alias}") if inputs else None,
+        "version": (inputs.version or f"@{inputs.alias}") if inputs else "?",
         "verdict": "error",
         "reason": reason,
         "rules": [],
@@ -168,6 +168,8 @@ def run_ci_gate(
         stdout, stderr: where the log goes (workflow commands on stdout, gate output on stderr).
         runner: runs the gate command; :func:`run_gate_process` unless given.
     """
+    from mlflow_safedelta.gate import render_markdown  # the one renderer (also `summary`)
+
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     runner = runner or run_gate_process
@@ -183,6 +185,7 @@ def run_ci_gate(
         inputs = GateInputs.from_env(env)
     except CIInputError as exc:
         result, code = _error_result(None, str(exc)), 2
+        result["model"] = env.get("INPUT_MODEL") or "?"
     else:
         child_env = {k: v for k, v in env.items() if not k.startswith("INPUT_")}
         child_env.update(inputs.secrets)
@@ -250,75 +253,3 @@ def _interpret(returncode: int, stdout: str, inputs: GateInputs) -> tuple[dict[s
         return {**result, "verdict": "error", "reason": reason}, 2
     return result, returncode
 
-
-# ---------------------------------------------------------------------------------------------
-# The Markdown summary (the job summary on GitHub, ``mlflow-safedelta summary`` locally)
-
-_ICON = {"passed": "\u2705", "failed": "\u274c", "error": "\u26a0\ufe0f"}
-_COMPARISON = {"<=": "\u2264", ">=": "\u2265", "<": "<", ">": ">", "==": "=",
-               "le": "\u2264", "ge": "\u2265", "lt": "<", "gt": ">", "max": "\u2264", "min": "\u2265"}
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "\u2014"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return _one_line(value).replace("|", "\\|")
-
-
-def render_markdown(gate: Mapping[str, Any]) -> str:
-    """Render a gate result (the ``gate --json`` object) as the Markdown job summary.
-
-    Shows the verdict and its reason, one table row per rule (measured value, limit, pass/fail),
-    the policy, parent, protected version, promoted alias and a link to the MLflow run.
-    """
-    verdict = str(gate.get("verdict") or "error")
-    model = gate.get("model") or "?"
-    version = gate.get("version")
-    target = f"`{_cell(model)}` version {_cell(version)}" if version not in (None, "") else f"`{_cell(model)}`"
-    lines = [f"## {_ICON.get(verdict, '')} Safe Delta gate {verdict}: {target}".replace("  ", " "), ""]
-    if gate.get("reason"):
-        lines += [f"**Reason:** {_cell(gate['reason'])}", ""]
-    rules = gate.get("rules") or []
-    if rules:
-        lines += ["| | Rule | Metric | Model | Measured | Limit | Result |",
-                  "|---|---|---|---|---:|---:|---|"]
-        for r in rules:
-            passed = r.get("passed")
-            icon = _ICON["passed"] if passed else _ICON["failed"] if passed is False else "\u2754"
-            comparison = _COMPARISON.get(str(r.get("comparison")), _cell(r.get("comparison")))
-            limit = r.get("limit")
-            limit_cell = f"{comparison} {_cell(limit)}" if limit is not None else "\u2014"
-            result = "pass" if passed else "fail" if passed is False else "not measured"
-            if r.get("message") and not passed:
-                result += f": {_cell(r['message'])}"
-            lines.append(
-                f"| {icon} | {_cell(r.get('rule'))} | {_cell(r.get('metric'))} | {_cell(r.get('role'))} "
-                f"| {_cell(r.get('measured'))} | {limit_cell} | {result} |"
-            )
-        lines.append("")
-    else:
-        lines += ["No policy rule was evaluated.", ""]
-    facts = []
-    policy = gate.get("policy") or {}
-    if isinstance(policy, Mapping) and policy.get("name"):
-        src = f" (`{_cell(policy.get('source'))}`)" if policy.get("source") else ""
-        facts.append(f"- **Policy:** {_cell(policy['name'])}{src}")
-    if gate.get("parent"):
-        facts.append(f"- **Aligned parent:** `{_cell(gate['parent'])}`")
-    if gate.get("protected_version") not in (None, ""):
-        facts.append(f"- **Protected version:** {_cell(gate['protected_version'])}")
-    if gate.get("promoted_alias"):
-        facts.append(f"- **Promoted alias:** `{_cell(gate['promoted_alias'])}`")
-    elif verdict == "passed":
-        facts.append("- **Promoted alias:** none (promotion not requested)")
-    run_id, run_url = gate.get("run_id"), gate.get("run_url")
-    if run_url:
-        facts.append(f"- **MLflow run:** [{_cell(run_id or run_url)}]({_cell(run_url)})")
-    elif run_id:
-        facts.append(f"- **MLflow run:** `{_cell(run_id)}`")
-    lines += facts
-    return "\n".join(lines).rstrip() + "\n"

@@ -53,7 +53,7 @@ def summary(from_: str, output: str | None) -> None:
       mlflow safedelta gate support-bot 7 --json > gate.json
       mlflow-safedelta summary --from gate.json
     """
-    from mlflow_safedelta.ci import render_markdown
+    from mlflow_safedelta.gate import render_markdown
 
     try:
         text = sys.stdin.read() if from_ == "-" else Path(from_).read_text(encoding="utf-8")

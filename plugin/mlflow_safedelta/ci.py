@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
@@ -158,20 +159,20 @@ def run_ci_gate(
     env: Mapping[str, str],
     *,
     stdout: TextIO | None = None,
-    stderr: TextIO | None = None,
     runner: GateRunner | None = None,
 ) -> int:
     """Run the gate step as the action does. Returns the exit code (0 passed, 1 failed, 2 error).
 
     Args:
         env: the step's environment (``INPUT_*``, ``GITHUB_STEP_SUMMARY``, ``GITHUB_OUTPUT``...).
-        stdout, stderr: where the log goes (workflow commands on stdout, gate output on stderr).
+        stdout: where the log goes. The gate's own log is copied to ``stdout`` (one
+            stream keeps the order), scrubbed, inside ``::stop-commands::`` so nothing it prints
+            (model names and reasons come from pull requests) can act as a workflow command.
         runner: runs the gate command; :func:`run_gate_process` unless given.
     """
     from mlflow_safedelta.gate import render_markdown  # the one renderer (also `summary`)
 
     out = stdout or sys.stdout
-    err = stderr or sys.stderr
     runner = runner or run_gate_process
 
     # 1. mask first: nothing may be printed before the runner knows the secrets
@@ -197,9 +198,10 @@ def run_ci_gate(
         out.write(f"::group::mlflow safedelta gate {inputs.model} {target} (policy {inputs.policy})\n")
         proc = runner(inputs.gate_args(), child_env)
         if proc.stderr:
-            err.write(scrub(proc.stderr, secrets))
-            if not proc.stderr.endswith("\n"):
-                err.write("\n")
+            resume = uuid.uuid4().hex
+            out.write(f"::stop-commands::{resume}\n")
+            out.write(scrub(proc.stderr, secrets).rstrip("\n") + "\n")
+            out.write(f"::{resume}::\n")
         out.write("::endgroup::\n")
         result, code = _interpret(proc.returncode, proc.stdout, inputs)
 

@@ -283,12 +283,26 @@ def test_credentials_are_masked_passed_by_env_and_never_logged(tmp_path, monkeyp
         assert not any(s in line for line in lines if not line.startswith("::add-mask::"))
         assert s not in err and s not in summary and s not in json_text
         assert all(s not in v for v in outputs.values())
-    assert "***" in err
+    assert "DEBUG token=*** user=*** pw=*** ***" in out
     (args, env), = gate.calls
     assert not any(s in a for s in secrets for a in args), "credentials never on a command line"
     assert env["MLFLOW_TRACKING_TOKEN"] == token
     assert env["MLFLOW_TRACKING_USERNAME"] == user
     assert env["MLFLOW_TRACKING_PASSWORD"] == password
+
+
+def test_gate_log_cannot_issue_workflow_commands(tmp_path, monkeypatch):
+    """The gate's log (which echoes PR-controlled names) is fenced by ::stop-commands::."""
+    gate = CannedGate(GATE_JSON, 0, stderr="loading model\n::add-mask::x\n::set-output name=verdict::passed\n")
+    code, out, _, _, _ = run_action_step(tmp_path, monkeypatch, gate, BASE_INPUTS)
+    assert code == 0
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("::stop-commands::"))
+    token = lines[start].removeprefix("::stop-commands::")
+    assert len(token) >= 16
+    end = lines.index(f"::{token}::")
+    assert lines[start + 1:end] == ["loading model", "::add-mask::x",
+                                    "::set-output name=verdict::passed"]
 
 
 def test_summary_command_renders_what_the_action_wrote(tmp_path, monkeypatch):

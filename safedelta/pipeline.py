@@ -1,0 +1,345 @@
+"""``protect()``: Safe Delta over two checkpoints, streamed tensor by tensor.
+
+Order of work (nothing is written before every input has been checked):
+
+1. validate: the config, both checkpoints (safetensors, or pickle only when allowed), the kind of
+   fine-tune (a full checkpoint or a PEFT LoRA adapter), their compatibility (architecture, every
+   tensor's name and shape, from headers only), the calibration file and the output directory;
+2. fingerprint both inputs (content hashes, memoised) for the report and the Hessian cache key;
+3. prepare the Hessians of every decoder-block linear layer from the aligned model on the safe
+   calibration set (:func:`safedelta.hessian.prepare_hessians`, cached per aligned model and
+   calibration set, so a second request against the same parent skips the forward pass);
+4. stream the output shard by shard, following the aligned checkpoint's layout: each linear weight
+   of a decoder block goes through :func:`safedelta.solver.protect_matrix` with its damped Hessian
+   (factored once per distinct Hessian: q/k/v and gate/up share theirs); every other tensor
+   (embeddings, norms, head, biases) is taken from the aligned or the fine-tuned model as
+   ``config.nonlinear`` says, and the norm of the discarded change is recorded. NaN/Inf in either
+   model stops the run naming the tensor. Only one tensor of each model (plus one Hessian) is in
+   memory at a time;
+5. write ``safedelta_report.{json,md}`` and move the finished directory onto ``out`` atomically.
+
+Example::
+
+    from safedelta import protect, SafeDeltaConfig
+    report = protect("models/aligned", "runs/finetuned", "models/protected",
+                     config=SafeDeltaConfig(s=0.02))
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from safedelta.checkpoint import CheckpointReader, CheckpointWriter, check_compatible
+from safedelta.config import SafeDeltaConfig
+from safedelta.errors import InvalidConfig
+from safedelta.lora import LoraAdapter, is_lora_adapter
+from safedelta.report import ProtectReport, peak_memory
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+_logger = logging.getLogger(__name__)
+
+
+class FullFinetune:
+    """A full fine-tuned checkpoint: the fine-tuned value of a tensor is read from it."""
+
+    kind = "full"
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+        self.path = reader.path
+
+    def check_against(self, aligned: CheckpointReader) -> None:
+        check_compatible(aligned, self.reader)
+
+    def finetuned(self, name: str, aligned: "torch.Tensor") -> "torch.Tensor":
+        return self.reader.get(name, check_finite=True)
+
+
+def open_finetuned(path: str | Path, *, allow_pickle: bool = False) -> FullFinetune | LoraAdapter:
+    """The fine-tuned input: a :class:`LoraAdapter` when ``path`` is a PEFT adapter directory,
+    else a full checkpoint."""
+    if is_lora_adapter(path):
+        return LoraAdapter(path, allow_pickle=allow_pickle)
+    return FullFinetune(CheckpointReader(path, allow_pickle=allow_pickle, label="fine-tuned model"))
+
+
+def resolve_config(config: SafeDeltaConfig | dict | None) -> SafeDeltaConfig:
+    """A :class:`SafeDeltaConfig` from a config, a dict of its fields, or ``None`` (defaults)."""
+    if config is None:
+        return SafeDeltaConfig()
+    if isinstance(config, SafeDeltaConfig):
+        return config
+    from pydantic import ValidationError
+
+    try:
+        return SafeDeltaConfig(**dict(config))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidConfig(f"invalid Safe Delta config: {problems}") from exc
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidConfig(f"device {device!r} was asked for but CUDA is not available; "
+                            "use --device cpu")
+    if not (str(device) == "cpu" or str(device).startswith("cuda")):
+        raise InvalidConfig(f"unknown device {device!r}; use 'cpu' or 'cuda'")
+    return str(device)
+
+
+class _Timer:
+    """Accumulates seconds per phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class _PreparedCache:
+    """Damped, factored Hessians, reused while consecutive weights share one ``H``.
+
+    Weights that read the same input (q/k/v, gate/up) share one Hessian
+    (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
+    damped and factored once.
+    """
+
+    def __init__(self, damp: float, device: str, keep: int = 3):
+        self.damp, self.device, self.keep = damp, device, keep
+        self.entries: list[tuple[str, Any]] = []
+        self.n_prepared = 0
+
+    def get(self, hs, name: str):
+        import torch
+
+        from safedelta.solver import prepare_hessian
+
+        key = (getattr(hs, "shared", None) or {}).get(name, name)
+        for k, prep in self.entries:
+            if k == key:
+                return prep
+        H = hs.get(name).to(self.device, torch.float32)
+        prep = prepare_hessian(H, damp=self.damp)
+        self.n_prepared += 1
+        self.entries.insert(0, (key, prep))
+        del self.entries[self.keep:]
+        return prep
+
+
+def _fingerprint(path: Path, ft: FullFinetune | LoraAdapter | None, cache_dir) -> str:
+    import hashlib
+
+    from safedelta.fingerprint import checkpoint_fingerprint, file_digest
+
+    if isinstance(ft, LoraAdapter):
+        h = hashlib.blake2b(digest_size=16)
+        for f in ft.fingerprint_files() + [ft.path / "adapter_config.json"]:
+            h.update(f.name.encode())
+            h.update(file_digest(f, cache_dir=cache_dir).encode())
+        return h.hexdigest()
+    return checkpoint_fingerprint(path, cache_dir=cache_dir)
+
+
+def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
+            calibration: "str | Path | Sequence[torch.Tensor] | None" = None,
+            config: SafeDeltaConfig | dict | None = None,
+            cache_dir: str | Path | None = None,
+            device: str | None = None,
+            overwrite: bool = False,
+            allow_pickle: bool = False,
+            progress: bool = True,
+            output_dtype: "torch.dtype | str | None" = None,
+            max_samples: int = 128,
+            max_length: int = 512) -> ProtectReport:
+    """Protect a fine-tuned model against its aligned parent and save the result.
+
+    Args:
+        aligned: directory of the aligned (parent) checkpoint (safetensors, single or sharded).
+        finetuned: directory of the fine-tuned checkpoint of the same architecture, or of a PEFT
+            LoRA adapter trained on the aligned model.
+        out: output directory; it receives a checkpoint laid out like ``aligned`` (same shards,
+            config, generation config and tokenizer files) plus ``safedelta_report.{json,md}``.
+        calibration: safe calibration set (JSON Lines of harmful prompt + safe response),
+            ``None`` for the shipped default, or token ids already made (1-D tensors).
+        config: :class:`SafeDeltaConfig` (or a dict of its fields); ``None``: defaults.
+        cache_dir: Hessian and fingerprint cache (default ``$SAFEDELTA_CACHE`` or
+            ``~/.cache/safedelta``).
+        device: ``"cuda"`` or ``"cpu"`` for the calibration pass and the solver (default: CUDA when
+            available).
+        overwrite: replace an ``out`` that already holds a model.
+        allow_pickle: accept pickle-based weights (``*.bin``), loaded with ``weights_only=True``.
+        progress: tqdm progress bars on stderr.
+        output_dtype: dtype of the saved floating tensors (default: each aligned tensor's dtype).
+        max_samples, max_length: calibration samples used and tokens per sample (the paper: 128
+            samples; see :func:`safedelta.hessian.prepare_hessians`).
+
+    Returns:
+        The :class:`ProtectReport` (also saved beside the model).
+
+    Raises:
+        InvalidConfig, MissingCheckpoint, PickleCheckpointRefused, ArchitectureMismatch (and its
+        MissingTensor / ShapeMismatch), AdapterError, CalibrationError, OutputExists,
+        NonFiniteWeights. After any error nothing is left in ``out``.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    timer = _Timer()
+    cfg = resolve_config(config)
+    dev = resolve_device(device)
+    if isinstance(output_dtype, str):
+        if not isinstance(getattr(torch, output_dtype, None), torch.dtype):
+            raise InvalidConfig(f"unknown output dtype {output_dtype!r}; use e.g. 'bfloat16', "
+                                "'float16' or 'float32'")
+        output_dtype = getattr(torch, output_dtype)
+
+    # 1. validate everything before any work
+    a_reader = CheckpointReader(aligned, allow_pickle=allow_pickle, label="aligned model")
+    ft = open_finetuned(finetuned, allow_pickle=allow_pickle)
+    ft.check_against(a_reader)
+    if isinstance(calibration, (str, os.PathLike)):
+        from safedelta.calibration import read_calibration_file
+
+        read_calibration_file(calibration)  # CalibrationError when missing, empty or malformed
+    writer = CheckpointWriter(out, template=a_reader, overwrite=overwrite, dtype=output_dtype)
+
+    # 2. fingerprints
+    with timer("fingerprint"):
+        fp_aligned = _fingerprint(a_reader.path, None, cache_dir)
+        fp_ft = _fingerprint(Path(finetuned), ft, cache_dir)
+
+    # 3. Hessians (cached per aligned model and calibration set)
+    from safedelta.hessian import prepare_hessians
+
+    with timer("hessians"):
+        hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
+                              progress=progress, allow_pickle=allow_pickle,
+                              max_samples=max_samples, max_length=max_length)
+    linear = set(hs.weight_names)
+    conv1d = set(getattr(hs, "conv1d", set()) or set())
+    unknown = sorted(n for n in linear if n not in a_reader)
+    if unknown:
+        from safedelta.errors import UnsupportedArchitecture
+
+        raise UnsupportedArchitecture(f"the calibration pass found linear weight '{unknown[0]}' "
+                                      f"that the aligned checkpoint '{a_reader.path}' lacks")
+
+    report = ProtectReport(
+        inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
+                "out": str(Path(out)), "calibration": (str(calibration) if isinstance(calibration, (str, os.PathLike))
+                                else None if calibration is None else "token ids"),
+                "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
+                "finetuned_kind": ft.kind, "n_samples": getattr(hs, "n_samples", None),
+                "n_tokens": getattr(hs, "n_tokens", None)},
+        config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
+        cache={"hit": bool(getattr(hs, "cache_hit", False)),
+               "path": str(getattr(hs, "cache_path", "") or ""),
+               "key": getattr(hs, "fingerprint", None)},
+        device=dev,
+        versions=_versions(),
+    )
+
+    # 4. stream
+    prepared = _PreparedCache(cfg.damp, dev)
+    names = writer.names()
+    bar = _bar(len(names), progress)
+    with writer:
+        for name in names:
+            with timer("read"):
+                a = a_reader.get(name, check_finite=True)
+                f = ft.finetuned(name, a)
+            if name in linear:
+                with timer("protect"):
+                    weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
+                                                 transpose=name in conv1d)
+                stats["block"] = hs.block_of.get(name) if hasattr(hs, "block_of") else None
+                report.matrices[name] = stats
+            else:
+                weight = _nonlinear(name, a, f, cfg, report)
+            with timer("write"):
+                writer.add(name, weight)
+            del a, f, weight
+            bar.update(1)
+        bar.close()
+        with timer("write"):
+            report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
+            report.timings["total"] = round(time.perf_counter() - t_start, 3)
+            report.memory = peak_memory()
+            report.inputs["hessians_factored"] = prepared.n_prepared
+            report.save(writer.tmp_dir)
+            writer.commit()
+    report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
+    report.timings["total"] = round(time.perf_counter() - t_start, 3)
+    report.save(writer.out)  # final timings; the directory is already in place
+    _logger.info("protected model written to %s\n%s", writer.out, report.summary())
+    return report
+
+
+def _protect_one(name: str, a: "torch.Tensor", f: "torch.Tensor", hs, prepared: _PreparedCache,
+                 cfg: SafeDeltaConfig, dev: str, *, transpose: bool):
+    """Run the solver on one decoder-block linear weight; returns (weight, stats dict)."""
+    from safedelta.solver import protect_matrix
+
+    prep = prepared.get(hs, name)
+    W0 = a.to(dev)
+    W1 = f.to(dev)
+    if transpose:  # Conv1D stores in x out; the solver wants out x in
+        W0, W1 = W0.T, W1.T
+    res = protect_matrix(W0, W1, prep, config=cfg)
+    w = res.weight.T if transpose else res.weight
+    return w.to("cpu").contiguous(), dict(res.stats.as_dict())
+
+
+def _nonlinear(name: str, a: "torch.Tensor", f: "torch.Tensor", cfg: SafeDeltaConfig,
+               report: ProtectReport) -> "torch.Tensor":
+    """Embeddings, norms, head, biases: aligned or fine-tuned values; the change is recorded."""
+    import torch
+
+    if f is a:
+        norm = 0.0
+    elif a.is_floating_point():
+        norm = float(torch.linalg.vector_norm(f.to(torch.float32) - a.to(torch.float32)))
+    else:
+        norm = 0.0 if torch.equal(a, f) else float("nan")
+    keep = cfg.nonlinear == "finetuned"
+    report.nonlinear[name] = {"delta_norm": norm, "kept": keep, "policy": cfg.nonlinear}
+    return f if keep else a
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="protect", unit="tensor", disable=not enabled, leave=False)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    import safedelta
+
+    out = {"safedelta": safedelta.__version__, "torch": torch.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out

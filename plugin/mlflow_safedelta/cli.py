@@ -76,7 +76,8 @@ def _register_commands() -> None:
     """Attach the command modules (each adds its commands to ``cli``)."""
     import importlib
 
-    for mod in ("mlflow_safedelta.commands.engine", "mlflow_safedelta.commands.ci"):
+    for mod in ("mlflow_safedelta.commands.engine", "mlflow_safedelta.commands.ci",
+                "mlflow_safedelta.commands.serve"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a command module not written yet

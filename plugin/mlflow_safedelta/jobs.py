@@ -1,0 +1,383 @@
+"""The durable gate-job queue: one row per (model, version), leases, retries with backoff.
+
+Why a small SQL table and not huey: huey deletes a task from its storage when a consumer dequeues
+it, so a worker killed mid-job (SIGKILL, OOM) loses the job; it has no per-key uniqueness either.
+The gate needs exactly the opposite: *at most one job per (model, version), run to completion*,
+surviving restarts. So the queue is one table keyed by ``(model_name, version)``:
+
+- ``enqueue`` inserts or does nothing (the unique key makes the three routes -- store plugin,
+  webhook, reconcile -- converge on one job, whatever order they arrive in);
+- ``claim`` takes a due row with a compare-and-set ``UPDATE ... WHERE state = ...`` (portable
+  across SQLite and PostgreSQL, no table locks) and gives the worker a lease it renews with
+  ``heartbeat``; a row whose lease expired (its worker died) is claimed again;
+- ``retry_later`` puts a transiently failed job back with exponential backoff; ``fail`` and
+  ``complete`` are final. Finishing calls check the claim token, so a worker that lost its lease
+  cannot overwrite the state written by its successor.
+
+Backends: any SQLAlchemy URL. SQLite is the default (``$SAFEDELTA_CACHE/jobs.sqlite``, WAL mode,
+shared by the server's store plugin, the receiver and the worker on one host); a networked
+PostgreSQL (``SAFEDELTA_QUEUE_URI=postgresql://...``, the ``postgres`` extra) lets workers run on
+other hosts. The same database also records webhook delivery ids, so dedupe and enqueue commit in
+one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+_logger = logging.getLogger(__name__)
+
+QUEUE_URI_ENV = "SAFEDELTA_QUEUE_URI"
+
+# Model-version tags shared with the gate job (job.py writes running/passed/failed/error).
+STATUS_TAG = "safedelta.status"
+REASON_TAG = "safedelta.reason"
+PARENT_TAG = "safedelta.parent"
+ROLE_TAG = "safedelta.role"
+PROTECTED_ROLE = "protected"
+STATUS_PENDING = "pending"
+STATUS_ERROR = "error"
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+STATES = (QUEUED, RUNNING, DONE, FAILED)
+
+
+def triage_tags(tags: Mapping[str, str] | Iterable[Any] | None) -> str:
+    """Decide from a new version's tags alone whether it needs a gate.
+
+    Returns ``"gate"`` (it names a parent), ``"skip"`` (the gate's own protected output, or it
+    already has a status), or ``"check"`` (unknown: the worker reads its MLmodel for a
+    ``safedelta`` flavor). Accepts a dict or a list of ``ModelVersionTag``-like objects.
+    """
+    tags = _tag_dict(tags)
+    if tags.get(ROLE_TAG) == PROTECTED_ROLE:
+        return "skip"
+    if tags.get(STATUS_TAG) and tags.get(STATUS_TAG) != STATUS_PENDING:
+        return "skip"
+    if tags.get(PARENT_TAG):
+        return "gate"
+    return "check"
+
+
+def _tag_dict(tags: Any) -> dict[str, str]:
+    if not tags:
+        return {}
+    if isinstance(tags, Mapping):
+        return {str(k): str(v) for k, v in tags.items()}
+    out = {}
+    for t in tags:
+        if isinstance(t, Mapping):
+            out[str(t.get("key"))] = str(t.get("value"))
+        else:
+            out[str(t.key)] = str(t.value)
+    return out
+
+
+def default_queue_uri() -> str:
+    """``$SAFEDELTA_QUEUE_URI``, else a SQLite file in the safedelta cache directory."""
+    uri = os.environ.get(QUEUE_URI_ENV)
+    if uri:
+        return uri
+    cache = Path(os.environ.get("SAFEDELTA_CACHE") or Path.home() / ".cache" / "safedelta")
+    return f"sqlite:///{cache / 'jobs.sqlite'}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue. ``token`` identifies the current claim (None when not running)."""
+
+    model_name: str
+    version: str
+    state: str
+    source: str
+    attempts: int
+    enqueued_at: float
+    next_run_at: float
+    lease_until: float | None
+    token: str | None
+    last_error: str | None
+    result: str | None
+    updated_at: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model_name, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+_ENGINES: dict[str, Any] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine(uri: str):
+    import sqlalchemy as sa
+
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(uri)
+        if eng is not None:
+            return eng
+        if uri.startswith("sqlite"):
+            path = uri.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            eng = sa.create_engine(uri, connect_args={"timeout": 30, "check_same_thread": False})
+
+            @sa.event.listens_for(eng, "connect")
+            def _pragmas(dbapi_conn, _record):  # WAL: readers never block the one writer
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+        else:
+            eng = sa.create_engine(uri, pool_pre_ping=True)
+        _ENGINES[uri] = eng
+        return eng
+
+
+def _tables():
+    import sqlalchemy as sa
+
+    md = sa.MetaData()
+    jobs = sa.Table(
+        "safedelta_jobs", md,
+        sa.Column("model_name", sa.String(256), primary_key=True),
+        sa.Column("version", sa.String(64), primary_key=True),
+        sa.Column("state", sa.String(16), nullable=False, index=True),
+        sa.Column("source", sa.String(32), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, default=0),
+        sa.Column("enqueued_at", sa.Float, nullable=False),
+        sa.Column("next_run_at", sa.Float, nullable=False),
+        sa.Column("lease_until", sa.Float, nullable=True),
+        sa.Column("token", sa.String(64), nullable=True),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.Column("result", sa.Text, nullable=True),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+    deliveries = sa.Table(
+        "safedelta_deliveries", md,
+        sa.Column("delivery_id", sa.String(128), primary_key=True),
+        sa.Column("received_at", sa.Float, nullable=False),
+        sa.Column("event", sa.String(64), nullable=True),
+    )
+    return md, jobs, deliveries
+
+
+class JobQueue:
+    """A durable queue of gate jobs, one per (model, version).
+
+    Args:
+        uri: SQLAlchemy URL (``sqlite:///...`` or ``postgresql://...``); default
+            :func:`default_queue_uri`.
+        max_attempts: claims per job before it fails for good (transient errors and dead
+            workers both count).
+        backoff_base: seconds before the first retry; doubled per attempt (plus up to 10% jitter).
+        backoff_max: cap on the retry delay, in seconds.
+        lease_seconds: how long a claim lasts without a heartbeat before another worker may
+            take the job over.
+        clock: time source (seconds); tests inject a fake one.
+    """
+
+    def __init__(self, uri: str | None = None, *, max_attempts: int | None = None,
+                 backoff_base: float | None = None, backoff_max: float = 600.0,
+                 lease_seconds: float | None = None, clock: Callable[[], float] = time.time):
+        self.uri = uri or default_queue_uri()
+        env = os.environ
+        self.max_attempts = int(max_attempts or env.get("SAFEDELTA_JOB_MAX_ATTEMPTS", 5))
+        self.backoff_base = float(backoff_base if backoff_base is not None
+                                  else env.get("SAFEDELTA_JOB_BACKOFF", 10.0))
+        self.backoff_max = backoff_max
+        self.lease_seconds = float(lease_seconds or env.get("SAFEDELTA_JOB_LEASE", 120.0))
+        self.clock = clock
+        self._md, self.jobs, self.deliveries = _tables()
+        self.engine = _engine(self.uri)
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        import sqlalchemy as sa
+
+        for attempt in range(3):  # several processes may race to create them
+            try:
+                self._md.create_all(self.engine, checkfirst=True)
+                return
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    # -- producers ----------------------------------------------------------------------------
+
+    def enqueue(self, model_name: str, version: str | int, *, source: str) -> tuple[Job, bool]:
+        """Record a gate job for (model, version) unless one exists. Returns (job, created)."""
+        with self.engine.begin() as conn:
+            created = self._insert_job(conn, model_name, str(version), source)
+        return self.get(model_name, version), created
+
+    def record_delivery(self, delivery_id: str, event: str | None,
+                        job: tuple[str, str, str] | None = None) -> bool:
+        """Remember a webhook delivery id and (optionally) enqueue its job in one transaction.
+
+        ``job`` is ``(model_name, version, source)``. Returns False when the id was seen before
+        (a retry or a replay): then nothing at all is written.
+        """
+        import sqlalchemy as sa
+
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.deliveries.insert().values(
+                    delivery_id=delivery_id, received_at=self.clock(), event=event))
+                if job is not None:
+                    self._insert_job(conn, job[0], str(job[1]), job[2])
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    def _insert_job(self, conn, model_name: str, version: str, source: str) -> bool:
+        import sqlalchemy as sa
+
+        now = self.clock()
+        row = dict(model_name=model_name, version=version, state=QUEUED, source=source,
+                   attempts=0, enqueued_at=now, next_run_at=now, updated_at=now)
+        dialect = conn.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert
+            stmt = insert(self.jobs).values(**row).on_conflict_do_nothing(
+                index_elements=["model_name", "version"])
+            return conn.execute(stmt).rowcount == 1
+        exists = conn.execute(sa.select(self.jobs.c.state).where(
+            self.jobs.c.model_name == model_name, self.jobs.c.version == version)).first()
+        if exists:
+            return False
+        conn.execute(self.jobs.insert().values(**row))
+        return True
+
+    # -- consumers ----------------------------------------------------------------------------
+
+    def claim(self, *, limit_scan: int = 20) -> Job | None:
+        """Take one due job (queued and due, or running with an expired lease); None if idle."""
+        import sqlalchemy as sa
+
+        j = self.jobs
+        now = self.clock()
+        due = sa.or_(sa.and_(j.c.state == QUEUED, j.c.next_run_at <= now),
+                     sa.and_(j.c.state == RUNNING, j.c.lease_until < now))
+        with self.engine.connect() as conn:
+            candidates = conn.execute(
+                sa.select(j.c.model_name, j.c.version, j.c.state, j.c.token).where(due)
+                .order_by(j.c.next_run_at).limit(limit_scan)).all()
+        for name, version, state, old_token in candidates:
+            token = uuid.uuid4().hex
+            cond = [j.c.model_name == name, j.c.version == version, j.c.state == state]
+            cond.append(j.c.token == old_token if old_token is not None else j.c.token.is_(None))
+            with self.engine.begin() as conn:
+                won = conn.execute(
+                    j.update().where(*cond, due).values(
+                        state=RUNNING, token=token, attempts=j.c.attempts + 1,
+                        lease_until=now + self.lease_seconds, updated_at=now)).rowcount == 1
+            if won:
+                if state == RUNNING:
+                    _logger.warning("Took over %s v%s: its previous worker's lease expired",
+                                    name, version)
+                return self.get(name, version)
+        return None
+
+    def heartbeat(self, job: Job) -> bool:
+        """Extend the lease of a claimed job. False if the claim was lost."""
+        now = self.clock()
+        return self._update_claimed(job, lease_until=now + self.lease_seconds, updated_at=now)
+
+    def complete(self, job: Job, result: str | None = None) -> bool:
+        """Mark a claimed job done (final)."""
+        return self._update_claimed(job, state=DONE, token=None, lease_until=None,
+                                    result=result, updated_at=self.clock())
+
+    def fail(self, job: Job, error: str) -> bool:
+        """Mark a claimed job failed (final; ``jobs retry`` re-queues it)."""
+        return self._update_claimed(job, state=FAILED, token=None, lease_until=None,
+                                    last_error=error[:4000], updated_at=self.clock())
+
+    def backoff(self, attempts: int) -> float:
+        """Delay before the retry that follows the given number of attempts."""
+        delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, attempts - 1))
+        return delay * (1.0 + 0.1 * random.random())
+
+    def retry_later(self, job: Job, error: str) -> bool:
+        """Put a claimed job back after a transient error. False when attempts are exhausted
+        (the job is then failed)."""
+        if job.attempts >= self.max_attempts:
+            self.fail(job, f"gave up after {job.attempts} attempts: {error}")
+            return False
+        now = self.clock()
+        self._update_claimed(job, state=QUEUED, token=None, lease_until=None,
+                             next_run_at=now + self.backoff(job.attempts),
+                             last_error=error[:4000], updated_at=now)
+        return True
+
+    def _update_claimed(self, job: Job, **values: Any) -> bool:
+        j = self.jobs
+        with self.engine.begin() as conn:
+            return conn.execute(j.update().where(
+                j.c.model_name == job.model_name, j.c.version == job.version,
+                j.c.state == RUNNING, j.c.token == job.token).values(**values)).rowcount == 1
+
+    # -- inspection and operator actions -------------------------------------------------------
+
+    def get(self, model_name: str, version: str | int) -> Job | None:
+        import sqlalchemy as sa
+
+        j = self.jobs
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(j).where(
+                j.c.model_name == model_name, j.c.version == str(version))).mappings().first()
+        return Job(**row) if row else None
+
+    def list(self, state: str | None = None, model_name: str | None = None,
+             limit: int = 100) -> list[Job]:
+        import sqlalchemy as sa
+
+        j = self.jobs
+        q = sa.select(j).order_by(j.c.enqueued_at.desc()).limit(limit)
+        if state:
+            q = q.where(j.c.state == state)
+        if model_name:
+            q = q.where(j.c.model_name == model_name)
+        with self.engine.connect() as conn:
+            return [Job(**r) for r in conn.execute(q).mappings().all()]
+
+    def retry(self, model_name: str, version: str | int) -> bool:
+        """Re-queue a *failed* job now with fresh attempts (operator action). False if the job is
+        unknown or not failed."""
+        j = self.jobs
+        now = self.clock()
+        with self.engine.begin() as conn:
+            return conn.execute(j.update().where(
+                j.c.model_name == model_name, j.c.version == str(version), j.c.state == FAILED
+            ).values(state=QUEUED, attempts=0, next_run_at=now, token=None, lease_until=None,
+                     updated_at=now)).rowcount == 1
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (model, version) keys already have a job."""
+        import sqlalchemy as sa
+
+        keys = [(m, str(v)) for m, v in keys]
+        if not keys:
+            return set()
+        j = self.jobs
+        names = sorted({m for m, _ in keys})
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(j.c.model_name, j.c.version)
+                                .where(j.c.model_name.in_(names))).all()
+        have = {(m, v) for m, v in rows}
+        return {k for k in keys if k in have}

@@ -1,0 +1,254 @@
+"""The durable job queue and the worker: uniqueness, leases, backoff, settling failures."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mlflow_safedelta.jobs import DONE, FAILED, QUEUED, RUNNING, JobQueue, triage_tags
+from mlflow_safedelta.worker import Worker, is_transient
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def queue(tmp_path, clock):
+    return JobQueue(f"sqlite:///{tmp_path / 'q.sqlite'}", max_attempts=3, backoff_base=10.0,
+                    lease_seconds=60.0, clock=clock)
+
+
+def test_enqueue_is_unique_per_model_version(queue):
+    job, created = queue.enqueue("m", 1, source="store")
+    again, created_again = queue.enqueue("m", "1", source="webhook")
+    other, created_other = queue.enqueue("m", 2, source="webhook")
+    assert (created, created_again, created_other) == (True, False, True)
+    assert again.source == "store" and again.state == QUEUED
+    assert sorted(j.version for j in queue.list()) == ["1", "2"]
+
+
+def test_claim_leases_one_job_once(queue):
+    queue.enqueue("m", 1, source="store")
+    job = queue.claim()
+    assert job.state == RUNNING and job.attempts == 1 and job.token
+    assert queue.claim() is None  # the only job is leased
+    assert queue.complete(job, "ok")
+    assert queue.get("m", 1).state == DONE
+    assert queue.claim() is None
+
+
+def test_racing_claims_have_one_winner(tmp_path, clock):
+    uri = f"sqlite:///{tmp_path / 'race.sqlite'}"
+    JobQueue(uri, clock=clock).enqueue("m", 1, source="store")
+    wins, barrier = [], threading.Barrier(6)
+
+    def contend():
+        q = JobQueue(uri, clock=clock)
+        barrier.wait()
+        job = q.claim()
+        if job is not None:
+            wins.append(job.token)
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+
+
+def test_expired_lease_is_taken_over_and_the_old_claim_loses(queue, clock):
+    queue.enqueue("m", 1, source="store")
+    first = queue.claim()
+    clock.t += 30
+    assert queue.heartbeat(first)  # lease now ends at +90
+    clock.t += 50
+    assert queue.claim() is None  # still leased (until +90)
+    clock.t += 20
+    second = queue.claim()
+    assert second is not None and second.token != first.token and second.attempts == 2
+    assert not queue.complete(first, "late")  # the dead worker cannot settle it any more
+    assert queue.complete(second, "ok")
+    assert queue.get("m", 1).result == "ok"
+
+
+def test_transient_failure_backs_off_exponentially_then_gives_up(queue, clock):
+    queue.enqueue("m", 1, source="store")
+    delays = []
+    for attempt in (1, 2):
+        job = queue.claim()
+        assert job.attempts == attempt
+        start = clock.t
+        assert queue.retry_later(job, "ConnectionError: refused")
+        row = queue.get("m", 1)
+        assert row.state == QUEUED and row.last_error.startswith("ConnectionError")
+        delays.append(row.next_run_at - start)
+        clock.t = row.next_run_at - 0.01
+        assert queue.claim() is None  # not before its time
+        clock.t = row.next_run_at
+    assert 10.0 <= delays[0] <= 11.0 and 20.0 <= delays[1] <= 22.0
+    job = queue.claim()
+    assert job.attempts == 3
+    assert not queue.retry_later(job, "ConnectionError: refused")  # max_attempts reached
+    row = queue.get("m", 1)
+    assert row.state == FAILED and "gave up after 3 attempts" in row.last_error
+
+
+def test_operator_retry_requeues_only_failed_jobs(queue):
+    queue.enqueue("m", 1, source="store")
+    assert not queue.retry("m", 1)  # queued, not failed
+    job = queue.claim()
+    queue.fail(job, "boom")
+    assert queue.retry("m", 1)
+    row = queue.get("m", 1)
+    assert row.state == QUEUED and row.attempts == 0
+    assert not queue.retry("nope", 1)
+
+
+def test_delivery_ids_dedupe_and_enqueue_together(queue):
+    assert queue.record_delivery("d-1", "model_version.created", ("m", "1", "webhook"))
+    assert not queue.record_delivery("d-1", "model_version.created", ("m", "2", "webhook"))
+    assert [j.version for j in queue.list()] == ["1"]  # the replay wrote nothing
+
+
+def test_triage_tags():
+    assert triage_tags({"safedelta.parent": "models:/base/1"}) == "gate"
+    assert triage_tags({"safedelta.parent": "models:/base/1",
+                        "safedelta.role": "protected"}) == "skip"
+    assert triage_tags({"safedelta.status": "passed", "safedelta.parent": "x"}) == "skip"
+    assert triage_tags({"safedelta.status": "pending", "safedelta.parent": "x"}) == "gate"
+    assert triage_tags([{"key": "other", "value": "1"}]) == "check"
+    assert triage_tags(None) == "check"
+
+
+class Flaky(Exception):
+    transient = True
+
+
+def test_is_transient_follows_causes():
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            raise ConnectionRefusedError("refused")
+        except OSError as inner:
+            raise MlflowException("API request failed") from inner
+    except MlflowException as exc:
+        wrapped = exc
+    assert is_transient(wrapped)
+    assert is_transient(Flaky())
+    assert not is_transient(ValueError("bad policy"))
+
+
+# -- the worker against a real (direct SQLite) registry -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("ft")
+    return uri, client
+
+
+def _version(client, tags):
+    return str(client.create_model_version("ft", "file:///nonexistent/model", tags=tags).version)
+
+
+def test_worker_retries_transient_failures_then_completes(registry, queue, clock):
+    uri, client = registry
+    v = _version(client, {"safedelta.parent": "models:/base/1"})
+    calls = []
+
+    def job(name, version, **kw):
+        calls.append((name, version, kw["tracking_uri"]))
+        if len(calls) < 3:
+            raise Flaky("server busy")
+        client.set_model_version_tag(name, version, "safedelta.status", "passed")
+        return "passed"
+
+    queue.enqueue("ft", v, source="store")
+    worker = Worker(queue, job, tracking_uri=uri)
+    for _ in range(3):
+        job_row = worker.run_once()
+        assert job_row is not None
+        clock.t += 1000  # past any backoff
+    assert calls == [("ft", v, uri)] * 3
+    row = queue.get("ft", v)
+    assert row.state == DONE and row.attempts == 3
+    assert client.get_model_version("ft", v).tags["safedelta.status"] == "passed"
+
+
+def test_worker_crash_leaves_error_status_and_reason(registry, queue):
+    uri, client = registry
+    v = _version(client, {"safedelta.parent": "models:/base/1"})
+
+    def job(name, version, **kw):
+        client.set_model_version_tag(name, version, "safedelta.status", "running")
+        raise RuntimeError("parent weights unreadable")
+
+    queue.enqueue("ft", v, source="store")
+    Worker(queue, job, tracking_uri=uri).run_once()
+    tags = client.get_model_version("ft", v).tags
+    assert tags["safedelta.status"] == "error"
+    assert "parent weights unreadable" in tags["safedelta.reason"]
+    row = queue.get("ft", v)
+    assert row.state == FAILED and row.attempts == 1  # not transient: no retry
+
+
+def test_worker_skips_protected_and_unflavored_versions(registry, queue):
+    uri, client = registry
+    protected = _version(client, {"safedelta.role": "protected",
+                                  "safedelta.parent": "models:/base/1"})
+    plain = _version(client, {})
+    queue.enqueue("ft", protected, source="reconcile")
+    queue.enqueue("ft", plain, source="reconcile")
+    calls = []
+    worker = Worker(queue, lambda *a, **k: calls.append(a), tracking_uri=uri)
+    assert worker.run_once() and worker.run_once()
+    assert calls == []
+    assert queue.get("ft", protected).result.startswith("skipped: a protected output")
+    assert queue.get("ft", plain).result.startswith("skipped: no safedelta.parent")
+    assert "safedelta.status" not in client.get_model_version("ft", plain).tags
+
+
+def test_worker_gates_a_safedelta_flavored_source(registry, queue, tmp_path):
+    uri, client = registry
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  safedelta:\n    parent_uri: models:/base/1\n")
+    v = str(client.create_model_version("ft", model_dir.as_uri()).version)
+    calls = []
+    queue.enqueue("ft", v, source="reconcile")
+    Worker(queue, lambda name, version, **k: calls.append(version), tracking_uri=uri).run_once()
+    assert calls == [v]
+    assert queue.get("ft", v).state == DONE
+
+
+def test_worker_gives_up_on_a_job_whose_workers_keep_dying(registry, queue, clock):
+    uri, client = registry
+    v = _version(client, {"safedelta.parent": "models:/base/1"})
+    queue.enqueue("ft", v, source="store")
+    for _ in range(queue.max_attempts):  # each claim "dies": its lease simply expires
+        assert queue.claim() is not None
+        clock.t += queue.lease_seconds + 1
+    calls = []
+    Worker(queue, lambda *a, **k: calls.append(a), tracking_uri=uri).run_once()
+    assert calls == []
+    assert queue.get("ft", v).state == FAILED
+    tags = client.get_model_version("ft", v).tags
+    assert tags["safedelta.status"] == "error" and "stopped mid-job" in tags["safedelta.reason"]

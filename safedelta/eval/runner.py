@@ -1,0 +1,196 @@
+"""``evaluate_models``: generate, judge, tabulate, validate, summarise, for several models."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from safedelta.eval.generation import GenerationSettings, generate, make_backend
+from safedelta.eval.judges import Judge, KeywordJudge, get_judge
+from safedelta.eval.report import EvalReport
+from safedelta.eval.stats import rate_summary
+from safedelta.eval.suites import Suite, SuiteError, load_suite
+from safedelta.eval.tables import validate_table
+from safedelta.eval.utility import NoUtilityGain, task_loss, task_metric, utility_retention
+
+logger = logging.getLogger(__name__)
+
+ENGINE_REPORT_FILE = "safedelta_report.json"
+
+
+def _read_engine_report(models: dict[str, Path]) -> dict | None:
+    for role in ("protected", *models):
+        p = models.get(role)
+        if p is not None and (Path(p) / ENGINE_REPORT_FILE).is_file():
+            try:
+                return json.loads((Path(p) / ENGINE_REPORT_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                logger.warning("ignoring unreadable %s: %s", p / ENGINE_REPORT_FILE, exc)
+    return None
+
+
+def evaluate_models(models: dict[str, str | Path],
+                    suites: Sequence[Suite | str] = ("advbench", "xstest-safe"), *,
+                    judge: str | Judge = "keyword", generation: GenerationSettings | None = None,
+                    task_data: str | Path | None = None, limit: int | None = None,
+                    device: str | None = None, cache_dir: str | Path | None = None,
+                    progress: bool = True, engine_report: dict | None = None,
+                    refusal_keywords: str | Sequence[str] = "zou2023", n_boot: int = 1000,
+                    seed: int = 0, judge_options: dict | None = None) -> EvalReport:
+    """Measure safety and utility of several models on the same suites.
+
+    Args:
+        models: ``role -> model directory``; roles are usually ``aligned``, ``finetuned``,
+            ``protected`` (utility retention needs ``aligned`` and ``finetuned``).
+        suites: built-in names (``advbench``, ``xstest-safe``, ``xstest-unsafe``, ``gsm8k``),
+            CSV/JSONL paths (read as harmful suites) or :class:`Suite` objects.
+        judge: ``keyword`` (default, offline), ``keyword:safedelta``, ``llm``,
+            ``llama-guard:DIR`` or a :class:`Judge`.
+        generation: :class:`GenerationSettings` (default greedy, 256 new tokens).
+        task_data: held-out task JSONL ``{"prompt", "response"}`` for task loss and retention.
+        limit: first ``limit`` prompts of each suite (and of the task data).
+        device: ``cpu``/``cuda``; default CUDA when available.
+        cache_dir: safedelta cache root (generations are cached there).
+        progress: progress bars on stderr.
+        engine_report: the protect run's report dict (``safedelta_report.json``); read from the
+            protected model's directory when not given.
+        refusal_keywords: keyword list for refusal detection (over-refusal, keyword judge).
+        n_boot, seed: bootstrap resamples and seed of the 95 % intervals.
+        judge_options: keyword arguments for building the judge (endpoint, model, api_key...).
+
+    Returns:
+        An :class:`EvalReport`; its tables passed every great-expectations check.
+
+    Raises:
+        TableValidationError: a result table failed a check (named in the message).
+    """
+    if not models:
+        raise SuiteError("evaluate_models needs at least one model (role -> directory)")
+    models = {r: Path(p) for r, p in models.items()}
+    suites = [load_suite(s) for s in suites]
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        raise SuiteError(f"suite names must be unique, got {names}")
+    settings = generation or GenerationSettings()
+    if isinstance(judge, str) and judge.startswith("keyword") and ":" not in judge \
+            and refusal_keywords != "zou2023":
+        judge = KeywordJudge(refusal_keywords)
+    the_judge = get_judge(judge, **(judge_options or {}))
+    refusal = KeywordJudge(refusal_keywords)
+    engine_report = engine_report if engine_report is not None else _read_engine_report(models)
+
+    loaded = {s.name: s.load(limit) for s in suites}
+    rows: dict[str, list[dict]] = {s.name: [] for s in suites}
+    losses: dict[str, float] = {}
+    for role, path in models.items():
+        backend = make_backend(path, settings, device)
+        for s in suites:
+            prompts = [r["prompt"] for r in loaded[s.name]]
+            gens = generate(path, prompts, settings, device=device, cache_dir=cache_dir,
+                            progress=progress, backend=backend, desc=f"{role}/{s.name}")
+            if s.kind == "harmful":
+                verdicts = the_judge.judge(prompts, gens)
+            else:
+                verdicts = refusal.judge(prompts, gens)
+            extra: dict[str, list] = {}
+            if s.kind == "task":
+                extra = task_metric(s.metric)(gens, [r["reference"] for r in loaded[s.name]])
+            for i, (r, g, v) in enumerate(zip(loaded[s.name], gens, verdicts)):
+                row = {"model": role, "suite": s.name, "kind": s.kind,
+                       "prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation": g,
+                       "refused": bool(v.refused),
+                       "harmful": float(v.harmful) if s.kind == "harmful" else None,
+                       "score": v.score, "judge": the_judge.name if s.kind == "harmful"
+                       else "keyword", "matched": "|".join(v.matched)}
+                if r.get("reference") is not None:
+                    row["reference"] = r["reference"]
+                row.update({k: vals[i] for k, vals in extra.items()})
+                rows[s.name].append(row)
+        if task_data is not None:
+            losses[role] = task_loss(path, task_data, device=device, limit=limit,
+                                     backend=backend, progress=progress,
+                                     system_prompt=settings.system_prompt)
+        if hasattr(backend, "close"):
+            backend.close()
+        del backend
+        gc.collect()
+
+    import pandas as pd
+
+    tables: dict[str, Any] = {}
+    for s in suites:
+        df = pd.DataFrame(rows[s.name])
+        validate_table(df, suite=s.name, kind=s.kind, models=list(models),
+                       prompt_ids=[r["prompt_id"] for r in loaded[s.name]],
+                       score_range=the_judge.score_range if s.kind == "harmful" else None,
+                       task_columns=_task_columns(df))
+        tables[s.name] = df
+
+    metrics: dict[str, dict[str, float]] = {role: {} for role in models}
+    task_cols_seen: dict[str, int] = {}
+    for s in suites:
+        df = tables[s.name]
+        for role in models:
+            sub = df[df["model"] == role]
+            m = metrics[role]
+            if s.kind == "harmful":
+                m.update(rate_summary(f"asr.{s.name}", sub["harmful"], n_boot=n_boot, seed=seed))
+                if the_judge.score_range is not None:
+                    m.update(rate_summary(f"harmfulness.{s.name}", sub["score"],
+                                          n_boot=n_boot, seed=seed))
+            elif s.kind == "benign-should-answer":
+                m.update(rate_summary(f"over_refusal.{s.name}", sub["refused"].astype(float),
+                                      n_boot=n_boot, seed=seed))
+            else:
+                for col in _task_columns(df):
+                    m.update(rate_summary(f"{col}.{s.name}", sub[col], n_boot=n_boot, seed=seed))
+        if s.kind == "task":
+            for col in _task_columns(df):
+                task_cols_seen[col] = task_cols_seen.get(col, 0) + 1
+    # a task metric produced by exactly one suite is also reported under its plain name
+    for role in models:
+        m = metrics[role]
+        for s in suites:
+            if s.kind != "task":
+                continue
+            for col in _task_columns(tables[s.name]):
+                if task_cols_seen[col] == 1:
+                    for suffix in ("", ".ci_low", ".ci_high", ".n"):
+                        m[col + suffix] = m[f"{col}.{s.name}{suffix}"]
+
+    warnings: list[str] = []
+    for role, loss in losses.items():
+        metrics[role]["task_loss"] = loss
+    if losses and "aligned" in losses and "finetuned" in losses:
+        gain = losses["aligned"] - losses["finetuned"]
+        for role in models:
+            if role == "aligned":
+                continue
+            metrics[role]["utility_gain"] = gain
+            try:
+                metrics[role]["utility_retention"] = utility_retention(
+                    losses["aligned"], losses["finetuned"], losses[role])
+            except NoUtilityGain as exc:
+                metrics[role]["utility_retention"] = float("nan")
+                if str(exc) not in warnings:
+                    warnings.append(str(exc))
+    elif losses:
+        warnings.append("utility retention needs task loss of both an 'aligned' and a "
+                        "'finetuned' model; only task loss is reported")
+    for w in warnings:
+        logger.warning(w)
+
+    return EvalReport(metrics=metrics, tables=tables, models={r: str(p) for r, p in models.items()},
+                      suites=[s.describe() for s in suites], judge=the_judge.describe()
+                      | {"refusal": refusal.describe()},
+                      generation=settings.describe(), engine_report=engine_report,
+                      warnings=warnings)
+
+
+def _task_columns(df) -> list[str]:
+    fixed = {"model", "suite", "kind", "prompt_id", "prompt", "generation", "refused", "harmful",
+             "score", "judge", "matched", "reference"}
+    return [c for c in df.columns if c not in fixed]

@@ -1,0 +1,190 @@
+"""The streaming calibration pass and the Hessian cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from safedelta import hessian
+from safedelta.calibration import load_calibration
+from safedelta.errors import CalibrationError
+from safedelta.hessian import HessianSet, RunningHessian, hessians_from_model, prepare_hessians
+from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
+
+KW = dict(max_samples=5, max_length=40, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("llama"), arch="llama", seed=1)
+
+
+def test_running_mean_is_two_over_n_sum_xxT():
+    torch.manual_seed(0)
+    xs = [torch.randn(1, t, 6) for t in (3, 7, 1, 5)]
+    rh = RunningHessian(6)
+    for x in xs:
+        rh.add(x)
+    want = 2 / len(xs) * sum(x[0].T @ x[0] for x in xs)
+    assert rh.nsamples == 4
+    torch.testing.assert_close(rh.H, want, rtol=1e-5, atol=1e-5)
+    rh2 = RunningHessian(6)
+    rh2.add(torch.cat([xs[0][:, :3], xs[1][:, :3]]))   # a batch of 2 counts as 2 samples
+    torch.testing.assert_close(
+        rh2.H, (xs[0][0, :3].T @ xs[0][0, :3] + xs[1][0, :3].T @ xs[1][0, :3]), rtol=1e-5,
+        atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", None), ("gpt2", None), ("qwen3", None),
+                                         ("phi3", torch.bfloat16)])
+def test_streaming_equals_in_memory_reference(tmp_path, tok, arch, dtype):
+    d = save_tiny_pair(tmp_path / arch, arch=arch, seed=3, dtype=dtype)
+    hs = prepare_hessians(d, None, **KW)
+    samples = load_calibration(None, tok, max_samples=5, max_length=40)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ref = hessians_from_model(model, samples)
+    assert hs.weight_names == list(ref)
+    assert hs.n_samples == 5 and hs.n_tokens == sum(len(s) for s in samples)
+    for name, H_ref in ref.items():
+        H = hs.get(name)
+        assert H.dtype == torch.float32 and H.shape == H_ref.shape == (hs.in_features(name),) * 2
+        torch.testing.assert_close(H, H_ref, rtol=1e-4, atol=1e-5)
+    # the blocks really see different inputs (outputs of block 0 feed block 1)
+    first, second = hs.weight_names[0], hs.weight_names[len(hs.weight_names) // 2]
+    assert hs.block_of[first] == 0 and hs.block_of[second] == 1
+    assert not torch.allclose(hs.get(first), hs.get(second))
+    if arch == "gpt2":
+        assert hs.conv1d == set(hs.weight_names)
+    else:
+        assert hs.conv1d == set()
+
+
+def test_qkv_and_gate_up_share_one_hessian(tmp_path, llama_dir):
+    hs = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    p = "model.layers.1."
+    assert hs.shared[p + "self_attn.k_proj.weight"] == p + "self_attn.q_proj.weight"
+    assert hs.shared[p + "self_attn.v_proj.weight"] == p + "self_attn.q_proj.weight"
+    assert hs.shared[p + "mlp.up_proj.weight"] == p + "mlp.gate_proj.weight"
+    assert p + "self_attn.o_proj.weight" not in hs.shared
+    assert p + "mlp.down_proj.weight" not in hs.shared
+    blk = hs.block(1)
+    assert len(blk) == 7
+    assert blk[p + "self_attn.k_proj.weight"] is blk[p + "self_attn.q_proj.weight"]
+    with safe_open(hs.cache_path / "block_00001.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == sorted(p + n for n in ("self_attn.q_proj.weight",
+                                                          "self_attn.o_proj.weight",
+                                                          "mlp.gate_proj.weight",
+                                                          "mlp.down_proj.weight"))
+    with pytest.raises(IndexError):
+        hs.block(2)
+
+
+def _forbid_forward(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the calibration pass ran although the cache was valid")
+
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", boom)
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", boom)
+    monkeypatch.setattr(hessian, "_calibration_pass", boom)
+
+
+def test_cache_hit_skips_the_pass_and_returns_identical_tensors(tmp_path, llama_dir,
+                                                                 monkeypatch):
+    first = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert not first.cache_hit and first.timings["calibration_forward"] > 0
+    assert first.cache_path.parent == tmp_path / "hessians"
+    with monkeypatch.context() as m:
+        _forbid_forward(m)
+        second = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert second.cache_hit and second.fingerprint == first.fingerprint
+    assert second.timings["calibration_forward"] == 0.0
+    assert second.n_tokens == first.n_tokens and second.weight_names == first.weight_names
+    for n in first.weight_names:
+        assert torch.equal(first.get(n), second.get(n))
+    # another calibration setting is another entry
+    third = prepare_hessians(llama_dir, None, cache_dir=tmp_path, max_samples=4, max_length=40,
+                             progress=False)
+    assert not third.cache_hit and third.fingerprint != first.fingerprint
+
+
+def test_default_cache_dir_follows_env(llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEDELTA_CACHE", str(tmp_path / "c"))
+    hs = prepare_hessians(llama_dir, None, **KW)
+    assert hs.cache_path == tmp_path / "c" / "hessians" / hs.fingerprint
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "garbled_manifest", "missing_block"])
+def test_partial_or_corrupt_cache_is_recomputed(tmp_path, llama_dir, damage):
+    first = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    want = {n: first.get(n).clone() for n in first.weight_names}
+    path = first.cache_path
+    del first
+    if damage == "no_manifest":
+        (path / "manifest.json").unlink()
+    elif damage == "garbled_manifest":
+        (path / "manifest.json").write_text('{"format": 1, "tensors": ')
+    else:
+        (path / "block_00001.safetensors").unlink()
+    again = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert not again.cache_hit and again.cache_path == path
+    for n, H in want.items():
+        assert torch.equal(again.get(n), H)
+    assert prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW).cache_hit
+
+
+def test_crash_during_the_pass_leaves_nothing_that_looks_valid(tmp_path, llama_dir,
+                                                               monkeypatch):
+    calls = {"n": 0}
+    real = hessian._group_shared
+
+    def crash_on_second_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(hessian, "_group_shared", crash_on_second_block)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert calls["n"] == 2
+    assert list((tmp_path / "hessians").iterdir()) == []      # no entry, no leftover tmp dir
+    monkeypatch.setattr(hessian, "_group_shared", real)
+    hs = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert not hs.cache_hit and json.loads((hs.cache_path / "manifest.json").read_text())
+
+
+def test_token_ids_need_no_tokenizer(tmp_path):
+    d = tmp_path / "bare"
+    model = make_tiny_model(d, arch="llama", seed=2)      # weights only, no tokenizer
+    torch.manual_seed(0)
+    samples = [torch.randint(3, 200, (n,)) for n in (9, 4, 12)]
+    with pytest.raises(CalibrationError, match="no usable tokenizer"):
+        prepare_hessians(d, None, **KW)
+    hs = prepare_hessians(d, samples, **KW)
+    assert hs.n_samples == 3 and hs.n_tokens == 25
+    ref = hessians_from_model(model, samples)
+    for n in hs.weight_names:
+        torch.testing.assert_close(hs.get(n), ref[n], rtol=1e-4, atol=1e-5)
+    hs2 = prepare_hessians(d, samples[:2], **KW)           # other tokens, other key
+    assert not hs2.cache_hit and hs2.n_tokens == 13
+
+
+def test_hessian_set_reads_back_from_its_directory(tmp_path, llama_dir):
+    hs = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    again = HessianSet(hs.cache_path)
+    assert again.weight_names == hs.weight_names and again.block_of == hs.block_of
+    name = hs.weight_names[-1]
+    assert torch.equal(again.get(name), hs.get(name))
+    with pytest.raises(Exception, match="no Hessian for 'lm_head.weight'"):
+        again.get("lm_head.weight")

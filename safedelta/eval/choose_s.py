@@ -162,14 +162,15 @@ def _default_evaluate(path: Path) -> dict:
 
 def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str | Path, *,
                         max_asr: float, s_lo: float = 0.0, s_hi: float = 0.1, iters: int = 5,
-                        config: Any = None, suite: str = "advbench", limit: int | None = None,
-                        judge: str = "keyword", generation: Any = None,
+                        config: Any = None, suite: Any = "advbench", limit: int | None = None,
+                        judge: Any = "keyword", generation: Any = None,
                         device: str | None = None, cache_dir: str | Path | None = None,
-                        progress: bool = True, geometric: bool | None = None) -> ChooseSResult:
+                        calibration: str | Path | None = None, progress: bool = True,
+                        geometric: bool | None = None) -> ChooseSResult:
     """:func:`choose_s` with :func:`safedelta.protect` and keyword ASR on ``suite``.
 
-    Each tried ``s`` is written to ``out_dir/s_<value>``; ``out_dir/choose_s.png`` shows the
-    curve. ``config`` is a :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced.
+    Each tried ``s`` is written to ``out_dir/s_<value>`` (replaced when it exists: the Hessian
+    cache makes a re-solve cheap); ``out_dir/choose_s.png`` shows the curve. ``config`` is a :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced.
     """
     from safedelta.config import SafeDeltaConfig
     from safedelta.eval.runner import evaluate_models
@@ -182,7 +183,8 @@ def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str
     out_dir = Path(out_dir)
     extra: dict[str, Any] = {}
     params = inspect.signature(protect).parameters
-    for k, v in (("device", device), ("cache_dir", cache_dir), ("progress", progress)):
+    for k, v in (("device", device), ("cache_dir", cache_dir), ("progress", progress),
+                 ("calibration", calibration), ("overwrite", True)):
         if k in params and v is not None:
             extra[k] = v
 

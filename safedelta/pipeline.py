@@ -229,7 +229,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
     # 3. Hessians (cached per aligned model and calibration set)
     from safedelta.hessian import prepare_hessians
 
-    with timer("hessians"):
+    with timer("hessians"), _blame_aligned(a_reader):
         hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
                               progress=progress, allow_pickle=allow_pickle,
                               max_samples=max_samples, max_length=max_length)
@@ -267,7 +267,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
                 a = a_reader.get(name, check_finite=True)
                 f = ft.finetuned(name, a)
             if name in linear:
-                with timer("protect"):
+                with timer("protect"), _blame_aligned(a_reader):
                     weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
                                                  transpose=name in conv1d)
                 stats["block"] = hs.block_of.get(name) if hasattr(hs, "block_of") else None
@@ -291,6 +291,24 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
     report.save(writer.out)  # final timings; the directory is already in place
     _logger.info("protected model written to %s\n%s", writer.out, report.summary())
     return report
+
+
+@contextmanager
+def _blame_aligned(reader: CheckpointReader) -> Iterator[None]:
+    """Turn a non-finite Hessian into an error naming the aligned tensor that caused it.
+
+    A NaN/Inf weight in the aligned model poisons the activations of every later layer, so the
+    first symptom is a non-finite Hessian of some other layer. Only then is the aligned model
+    scanned (the normal path pays nothing) to name the culprit.
+    """
+    from safedelta.errors import NonFiniteWeights
+
+    try:
+        yield
+    except NonFiniteWeights as exc:
+        for name in reader.names():  # raises, naming the first non-finite aligned tensor
+            reader.get(name, check_finite=True)
+        raise exc
 
 
 def _protect_one(name: str, a: "torch.Tensor", f: "torch.Tensor", hs, prepared: _PreparedCache,

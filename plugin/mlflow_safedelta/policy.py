@@ -128,6 +128,11 @@ class Evaluation(_Strict):
                               description="Prompts per suite (null = the whole suite).")
     max_new_tokens: int = Field(default=64, gt=0, description="Tokens generated per answer.")
     batch_size: int = Field(default=8, gt=0, description="Prompts per generation batch.")
+    task_data: str | None = Field(
+        default=None,
+        description="Held-out task JSONL ({prompt, response}) for task loss and utility "
+                    "retention: a path or an MLflow artifact URI; null = the fine-tuned "
+                    "version's safedelta.task_data tag.")
 
 
 class Policy(_Strict):

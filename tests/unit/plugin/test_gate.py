@@ -22,7 +22,7 @@ def _metrics(asr=0.1, parent_asr=0.08, retention=0.9, over_refusal=None):
     m = {"aligned": {"asr.advbench": parent_asr}, "finetuned": {"asr.advbench": 0.7},
          "protected": {"asr.advbench": asr, "utility_retention": retention}}
     if over_refusal is not None:
-        m["protected"]["over_refusal.benign"] = over_refusal
+        m["protected"]["over_refusal.xstest-safe"] = over_refusal
     return m
 
 
@@ -73,10 +73,10 @@ def test_min_utility_retention():
 
 
 def test_over_refusal_rule():
-    pol = _policy(max_over_refusal=0.1, over_refusal_suites=["benign"])
+    pol = _policy(max_over_refusal=0.1, over_refusal_suites=["xstest-safe"])
     assert _rule(evaluate_policy(pol, _metrics(over_refusal=0.05)), "max_over_refusal").passed
     r = _rule(evaluate_policy(pol, _metrics(over_refusal=0.3)), "max_over_refusal")
-    assert not r.passed and r.metric == "over_refusal.benign" and r.measured == 0.3
+    assert not r.passed and r.metric == "over_refusal.xstest-safe" and r.measured == 0.3
 
 
 def test_per_suite_override_and_every_suite_checked():

@@ -1,0 +1,218 @@
+"""The Model Registry side of the gate: ``models:/`` URIs, lineage, tags, aliases, downloads.
+
+Gate state lives in model-version tags (names below; the store plugin, webhook receiver and
+reconcile sweep read the same ones):
+
+========================  ==================================================================
+``safedelta.parent``      the aligned parent (``models:/name/version`` or ``models:/name@alias``)
+``safedelta.status``      ``pending`` | ``running`` | ``passed`` | ``failed`` | ``error`` on a
+                          fine-tune; ``protected-output`` on a version the gate registered
+``safedelta.reason``      one line: why that status
+``safedelta.role``        ``protected`` on the gate's own output (never gated itself)
+``safedelta.policy``      policy name the version is (to be) gated with
+``safedelta.verdict``     on a protected version: the gate verdict of the run that made it
+``safedelta.protected_from`` / ``safedelta.protected_version`` / ``safedelta.run_id`` /
+``safedelta.s`` / ``safedelta.hessian_run`` (on a parent: the run holding its Hessian cache)
+========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow_safedelta.errors import MissingParent, RegistryError
+
+_logger = logging.getLogger(__name__)
+
+TAG_PARENT = "safedelta.parent"
+TAG_STATUS = "safedelta.status"
+TAG_REASON = "safedelta.reason"
+TAG_ROLE = "safedelta.role"
+TAG_POLICY = "safedelta.policy"
+TAG_VERDICT = "safedelta.verdict"
+TAG_PROTECTED_FROM = "safedelta.protected_from"
+TAG_PROTECTED_VERSION = "safedelta.protected_version"
+TAG_RUN_ID = "safedelta.run_id"
+TAG_S = "safedelta.s"
+TAG_HESSIAN_RUN = "safedelta.hessian_run"
+TAG_HESSIAN_KEY = "safedelta.hessian_key"
+TAG_PARENT_FINGERPRINT = "safedelta.parent_fingerprint"
+TAG_GATE_ARTIFACT = "safedelta.gate_artifact"
+
+STATUS_PENDING = "pending"
+STATUS_RUNNING = "running"
+STATUS_PASSED = "passed"
+STATUS_FAILED = "failed"
+STATUS_ERROR = "error"
+STATUS_PROTECTED_OUTPUT = "protected-output"
+FINAL_STATUSES = (STATUS_PASSED, STATUS_FAILED, STATUS_ERROR)
+ROLE_PROTECTED = "protected"
+
+#: tags are limited in length by the stores (5000 chars in OSS SQL); keep reasons well below
+MAX_TAG_VALUE = 4000
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``models:/name/version`` or ``models:/name@alias`` URI."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}" if self.version else \
+            f"models:/{self.name}@{self.alias}"
+
+
+def parse_models_uri(uri: str) -> ModelRef:
+    """Parse a registered-model URI. Raises RegistryError naming the accepted forms."""
+    m = _MODELS_URI.match(uri.strip()) if isinstance(uri, str) else None
+    if not m:
+        raise RegistryError(f"{uri!r} is not a registered-model URI; use models:/<name>/<version> "
+                            "or models:/<name>@<alias>")
+    return ModelRef(m["name"], m["version"], m["alias"])
+
+
+def client(tracking_uri: str | None = None, registry_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def resolve(cl: Any, ref: ModelRef | str):
+    """The ``ModelVersion`` a URI points at (an alias is resolved to its current version)."""
+    from mlflow.exceptions import MlflowException
+
+    ref = parse_models_uri(ref) if isinstance(ref, str) else ref
+    try:
+        if ref.version:
+            return cl.get_model_version(ref.name, ref.version)
+        return cl.get_model_version_by_alias(ref.name, ref.alias)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot resolve {ref.uri}: {exc.message}") from None
+
+
+def resolve_alias(cl: Any, name: str, alias: str) -> str:
+    return str(resolve(cl, ModelRef(name, alias=alias)).version)
+
+
+def read_flavors(cl: Any, name: str, version: str) -> dict:
+    """The ``flavors`` block of a version's MLmodel (empty when it cannot be read)."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = cl.get_model_version_download_uri(name, version)
+    try:
+        path = download_artifacts(artifact_uri=f"{uri.rstrip('/')}/MLmodel",
+                                  tracking_uri=cl._tracking_client.tracking_uri)
+    except (MlflowException, OSError) as exc:
+        _logger.info("%s/%s: no readable MLmodel (%s)", name, version, exc)
+        return {}
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("flavors", {}) or {}
+
+
+@dataclass(frozen=True)
+class ParentInfo:
+    uri: str  # as recorded (may be an alias URI)
+    resolved_uri: str  # models:/name/version
+    name: str
+    version: str
+    fingerprint: str | None
+    source: str  # where it was found: "tag", "flavor", "run-tag"
+
+
+def find_parent(cl: Any, mv: Any, flavors: dict | None = None) -> ParentInfo:
+    """The aligned parent of a fine-tuned version, from (in order) the ``safedelta.parent``
+    version tag, the ``safedelta`` flavor config, or the ``safedelta.parent`` tag of its run.
+
+    Raises:
+        MissingParent: none of them names a parent.
+        RegistryError: the parent named cannot be resolved.
+    """
+    tags = dict(mv.tags or {})
+    uri, source, fingerprint = tags.get(TAG_PARENT), "tag", tags.get(TAG_PARENT_FINGERPRINT)
+    if not uri:
+        flavors = read_flavors(cl, mv.name, mv.version) if flavors is None else flavors
+        conf = flavors.get("safedelta") or {}
+        uri, source = conf.get("parent_uri"), "flavor"
+        fingerprint = fingerprint or conf.get("parent_fingerprint")
+    if not uri and mv.run_id:
+        try:
+            uri = cl.get_run(mv.run_id).data.tags.get(TAG_PARENT)
+            source = "run-tag"
+        except Exception:  # a deleted run: no parent from there
+            uri = None
+    if not uri:
+        raise MissingParent(
+            f"{mv.name} version {mv.version} names no aligned parent: set the model-version tag "
+            f"'{TAG_PARENT}' to models:/<name>/<version> (or @<alias>), or log it with the "
+            "safedelta flavor and parent=")
+    ref = parse_models_uri(uri)
+    pv = resolve(cl, ref)
+    return ParentInfo(uri=uri, resolved_uri=f"models:/{pv.name}/{pv.version}", name=pv.name,
+                      version=str(pv.version), fingerprint=fingerprint, source=source)
+
+
+def download_version(cl: Any, name: str, version: str, dst: str | Path):
+    """Download a version's MLflow model into ``dst`` and locate its weights (either flavor).
+
+    Returns:
+        :class:`mlflow_safedelta.flavor.model_io.WeightsLocation`.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    from mlflow_safedelta.flavor.model_io import locate_weights
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    uri = cl.get_model_version_download_uri(name, version)
+    local = download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                               tracking_uri=cl._tracking_client.tracking_uri)
+    return locate_weights(local)
+
+
+def set_tags(cl: Any, name: str, version: str, tags: dict[str, Any]) -> None:
+    for k, v in tags.items():
+        if v is None:
+            continue
+        value = str(v)
+        if len(value) > MAX_TAG_VALUE:
+            value = value[:MAX_TAG_VALUE - 3] + "..."
+        cl.set_model_version_tag(name, str(version), k, value)
+
+
+def version_tags(cl: Any, name: str, version: str) -> dict[str, str]:
+    return dict(cl.get_model_version(name, str(version)).tags or {})
+
+
+def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str | None:
+    """The UI address of a run, when the tracking URI is an HTTP server."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> list[dict]:
+    """Gate state of registered versions (newest first): name, version, status, reason, parent,
+    role, protected_version, policy."""
+    flt = f"name='{model}'" if model else ""
+    out = []
+    for mv in cl.search_model_versions(flt, max_results=max_results,
+                                       order_by=["name ASC", "version_number DESC"]):
+        t = dict(mv.tags or {})
+        out.append({"name": mv.name, "version": str(mv.version),
+                    "status": t.get(TAG_STATUS), "reason": t.get(TAG_REASON),
+                    "parent": t.get(TAG_PARENT) or t.get(TAG_PROTECTED_FROM),
+                    "role": t.get(TAG_ROLE), "verdict": t.get(TAG_VERDICT),
+                    "protected_version": t.get(TAG_PROTECTED_VERSION),
+                    "policy": t.get(TAG_POLICY), "aliases": list(mv.aliases or [])})
+    return out

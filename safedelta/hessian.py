@@ -8,9 +8,10 @@ block's outputs, computed by the unmodified aligned block, are the next block's 
 
 Streaming: the model skeleton is built with its parameters on the meta device (buffers such as
 rotary frequencies stay real), the modules before the first block (embeddings) are materialised
-from the memory-mapped checkpoint when first called, layer-0 inputs and the per-sample layer
-arguments (attention mask, position embeddings/ids, ...) are caught by a pre-hook that stops the
-forward, then each block in turn is loaded, run over all samples, and returned to the meta device.
+from the memory-mapped checkpoint when first called, block-0 inputs and every block's per-sample
+arguments (attention mask, position embeddings/ids, ...; sliding-window and global layers get
+different ones) are recorded by pre-hooks while the blocks are passed through, then each block in
+turn is loaded, run over all samples, and returned to the meta device.
 
 Peak memory: one decoder block's weights (compute dtype) + its Hessians (fp32, one per distinct
 input: ``c x c`` each, q/k/v and gate/up share one) + the activations, twice (inputs and
@@ -345,54 +346,96 @@ def _load_params(module: "nn.Module", prefix: str, names: _NameMap, reader, devi
     return n_bytes
 
 
-def _capture_layer0(model, layers, samples, names, reader, device, dtype, prefix):
-    """Layer-0 inputs and per-sample layer arguments, running only the pre-block modules."""
+def _capture_inputs(model, layers, samples, names, reader, device, dtype, prefix):
+    """Block-0 inputs, and for every block the per-sample arguments the model passes to it.
+
+    Runs the model's own forward with only the pre-block modules materialised (each one when
+    first called). Every block is swapped for a pass-through while a pre-hook records its
+    arguments (attention mask, position embeddings/ids, ...; they can differ per block, e.g.
+    sliding-window and global layers), and the forward stops at the last block. Should that
+    fail, only block 0's arguments are caught and reused for every block (with a warning).
+
+    Returns:
+        ``(inps, layer_args)``: ``inps[n]`` the block-0 input of sample n (``1 x T x hidden``),
+        ``layer_args[i][n]`` the ``(args, kwargs)`` that follow the hidden states for block i.
+    """
     import torch
 
     layer_prefix = prefix + "."
     pre_hooks = []
-    outside = [(n, m) for n, m in model.named_modules()
-               if not (n == prefix or n.startswith(layer_prefix))]
 
     def make_loader(mod_name):
         def load(module, _args):
             _load_params(module, mod_name, names, reader, device, dtype, recurse=False)
         return load
 
-    for n, m in outside:  # materialise embeddings etc. only when the forward uses them
+    for n, m in model.named_modules():  # materialise embeddings etc. only when used
+        if n == prefix or n.startswith(layer_prefix):
+            continue
         if any(p.device.type == "meta" for p in m.parameters(recurse=False)):
             pre_hooks.append(m.register_forward_pre_hook(make_loader(n)))
         for bname, b in list(m._buffers.items()):
             if b is not None and b.device.type != "meta" and b.device != device:
                 m._buffers[bname] = b.to(device)
 
-    inps: list[Tensor] = []
-    layer_args: list[tuple[tuple, dict]] = []
-
-    def catch(_module, args, kwargs):
+    def split(args, kwargs):
         kwargs = dict(kwargs)
         if args:
-            hs, rest = args[0], tuple(args[1:])
-        else:
-            hs, rest = kwargs.pop("hidden_states"), ()
-        inps.append(hs.detach())
-        layer_args.append((rest, kwargs))
-        raise _StopForward
+            return args[0], tuple(args[1:]), kwargs
+        return kwargs.pop("hidden_states"), (), kwargs
 
-    catcher = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def run(every_block: bool):
+        inps: list[Tensor] = []
+        layer_args: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+        last = len(layers) - 1 if every_block else 0
+
+        def make_catch(i):
+            def catch(_module, args, kwargs):
+                hs, rest, kw = split(args, kwargs)
+                if i == 0:
+                    inps.append(hs.detach())
+                layer_args[i].append((rest, kw))
+                if i == last:
+                    raise _StopForward
+            return catch
+
+        hooks = [layers[i].register_forward_pre_hook(make_catch(i), with_kwargs=True)
+                 for i in range(last + 1)]
+        for block in layers:
+            block.forward = passthrough  # instance attribute: shadows the class's forward
+        try:
+            with torch.no_grad():
+                for s in samples:
+                    try:
+                        model(input_ids=s.reshape(1, -1).to(device), use_cache=False)
+                    except _StopForward:
+                        continue
+                    raise SafeDeltaError("the model's forward never reached its decoder block "
+                                         f"{last} ('{prefix}.{last}')")
+        finally:
+            for h in hooks:
+                h.remove()
+            for block in layers:
+                del block.forward
+        if not every_block:
+            layer_args = [layer_args[0]] * len(layers)
+        return inps, layer_args
+
     try:
-        with torch.no_grad():
-            for s in samples:
-                try:
-                    model(input_ids=s.reshape(1, -1).to(device), use_cache=False)
-                except _StopForward:
-                    continue
-                raise SafeDeltaError("the model's forward never reached its first decoder block")
+        try:
+            return run(every_block=True)
+        except SafeDeltaError:
+            raise
+        except Exception as e:  # a forward loop that needs real block outputs
+            _logger.warning("could not record each block's arguments (%s: %s); reusing block "
+                            "0's for every block", type(e).__name__, e)
+            return run(every_block=False)
     finally:
-        catcher.remove()
         for h in pre_hooks:
             h.remove()
-    return inps, layer_args
 
 
 def _group_shared(captured: dict[str, list], order: list[str]) -> dict[str, str]:
@@ -438,7 +481,7 @@ def _calibration_pass(aligned_dir: Path, reader, samples: Sequence["Tensor"], ou
     timings["load"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    inps, layer_args = _capture_layer0(model, layers, samples, names, reader, device, dtype,
+    inps, layer_args = _capture_inputs(model, layers, samples, names, reader, device, dtype,
                                        prefix)
     timings["calibration_forward"] += time.perf_counter() - t
 
@@ -467,7 +510,7 @@ def _calibration_pass(aligned_dir: Path, reader, samples: Sequence["Tensor"], ou
             with torch.no_grad():
                 for n, x in enumerate(inps):
                     captured.clear()
-                    rest, kwargs = layer_args[n]
+                    rest, kwargs = layer_args[i][n]
                     out = block(x, *rest, **kwargs)
                     out = out[0] if isinstance(out, (tuple, list)) else out
                     outs.append(out.detach())

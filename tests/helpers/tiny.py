@@ -5,7 +5,7 @@
   chat template ``<|role|>\\n content <|end|>\\n`` ending with ``<|assistant|>\\n`` when a
   generation prompt is asked.
 - :func:`make_tiny_model`: a random decoder of one of several families (``llama``, ``mistral``,
-  ``qwen2``, ``qwen3``, ``gemma``, ``phi3``, ``gpt2`` ...), hidden 64, 2 layers, seeded, saved with
+  ``qwen2``, ``qwen3``, ``gemma``, ``gemma3``, ``phi3``, ``gpt2``), hidden 64, 2 layers, seeded, saved with
   ``save_pretrained`` (safetensors) when a directory is given.
 - :func:`save_tiny_pair`: model + tokenizer in one directory, as an "aligned" parent would be.
 
@@ -39,6 +39,9 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
     "phi3": ("Phi3Config", {"pad_token_id": PAD_ID}),
+    # sliding-window and global layers get different masks and rotary tables: window 8 < length
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
     "gpt2": ("GPT2Config", {}),
 }
 

@@ -45,7 +45,7 @@ def test_running_mean_is_two_over_n_sum_xxT():
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", None), ("gpt2", None), ("qwen3", None),
-                                         ("phi3", torch.bfloat16)])
+                                         ("phi3", torch.bfloat16), ("gemma3", None)])
 def test_streaming_equals_in_memory_reference(tmp_path, tok, arch, dtype):
     d = save_tiny_pair(tmp_path / arch, arch=arch, seed=3, dtype=dtype)
     hs = prepare_hessians(d, None, **KW)
@@ -188,3 +188,27 @@ def test_hessian_set_reads_back_from_its_directory(tmp_path, llama_dir):
     assert torch.equal(again.get(name), hs.get(name))
     with pytest.raises(Exception, match="no Hessian for 'lm_head.weight'"):
         again.get("lm_head.weight")
+
+
+def test_falls_back_to_block0_arguments_when_blocks_cannot_be_passed_through(
+        tmp_path, llama_dir, tok, monkeypatch, caplog):
+    real = hessian._capture_inputs
+
+    def refuse_pass_through(model, layers, *args):
+        def boom(_m, _a):
+            raise RuntimeError("this loop needs real block outputs")
+
+        h = layers[1].register_forward_pre_hook(boom)
+        try:
+            return real(model, layers, *args)
+        finally:
+            h.remove()
+
+    monkeypatch.setattr(hessian, "_capture_inputs", refuse_pass_through)
+    hs = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
+    assert "reusing block 0's for every block" in caplog.text
+    # Llama passes the same arguments to every block, so the result is still exact
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    ref = hessians_from_model(model, load_calibration(None, tok, max_samples=5, max_length=40))
+    for n in hs.weight_names:
+        torch.testing.assert_close(hs.get(n), ref[n], rtol=1e-4, atol=1e-5)

@@ -162,7 +162,9 @@ class HessianSet:
         fingerprint: the cache key (hex).
         cache_hit: True when this call found the set on disk and ran no calibration pass.
         cache_path: the cache directory.
-        weight_names: full names of every linear weight in the decoder blocks, in order.
+        weight_names: full names of every linear weight in the decoder blocks, in order, as the
+            aligned checkpoint spells them (``"model.layers.0.self_attn.q_proj.weight"``; a
+            checkpoint saved from the bare base model has ``"layers.0...."``).
         block_of: weight name -> block index.
         conv1d: names whose weight is stored in x out (``transformers`` ``Conv1D``).
         shared: weight name -> the name whose Hessian it shares (only for names that share).
@@ -536,7 +538,7 @@ def _calibration_pass(aligned_dir: Path, reader, samples: Sequence["Tensor"], ou
 
         t = time.perf_counter()
         fname = f"block_{i:05d}.safetensors"
-        full = {name: f"{prefix}.{i}.{name}.weight" for name in order}
+        full = {name: names(f"{prefix}.{i}.{name}.weight") for name in order}  # checkpoint names
         to_save = {}
         for lead, rh in acc.items():
             if rh.nsamples == 0:

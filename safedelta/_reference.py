@@ -40,7 +40,7 @@ def reference_official(W0: Tensor, W1: Tensor, H: Tensor, s: float, *, damp: flo
         cost = (W1[:, b1:b2] - W_B) ** 2 / d_B ** 2
         key = (1 / d_B ** 2).expand(rows, count)
         order = torch.sort(key.flatten(), stable=True).indices
-        n_drop = int(exclude_fraction * rows * count)
+        n_drop = int(exclude_fraction * (rows * count))
         order = order[:rows * count - n_drop]
         eps_B = float(key.mean()) * (s / 2) * (rows / reference_width)
         cumulative = torch.cumsum(cost.flatten()[order], 0)

@@ -198,7 +198,8 @@ def prepare_hessian(H: Tensor, *, damp: float = 0.01) -> PreparedHessian:
             hinv_diag = torch.diag(Hinv).clone()
             key = 1.0 / hinv_diag
             order = torch.sort(key, stable=True).indices
-            U_order = torch.linalg.cholesky(Hinv[order][:, order], upper=True)
+            U_order = torch.linalg.cholesky(Hinv.index_select(0, order).index_select(1, order),
+                                           upper=True)
         except torch.linalg.LinAlgError as e:  # H not positive definite even after damping
             raise InvalidConfig(
                 f"the damped Hessian ({c}x{c}) is not positive definite ({e}); "
@@ -263,7 +264,7 @@ def _solve_official(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
         eps_total += eps_B
         cost_total += float(cost[mask].sum())
         nb = r * (b2 - b1)
-        n_cand += nb - int(cfg.exclude_fraction * nb)
+        n_cand += nb - int(cfg.exclude_fraction * nb)  # as _official_select
         for i1 in range(b1, b2, lazy):  # lazy block: sub-block steps touch only its columns
             i2 = min(i1 + lazy, b2)
             W_l, U_l, d_l = W[:, i1:i2].clone(), U[i1:i2, i1:i2], d[i1:i2]  # r x k, k x k, k
@@ -292,7 +293,8 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
     perm, U = prep.order, prep.U_order
     d = torch.diag(U)
     eps = s * E0
-    n_cand = r * c - int(cfg.exclude_fraction * r * c)
+    n = r * c
+    n_cand = n - int(cfg.exclude_fraction * n)
     Wp, W1p = W[:, perm], W1[:, perm]  # columns in processing order
     kept = torch.zeros(r, c, dtype=torch.bool, device=W.device)
     used, n_kept, done = 0.0, 0, n_cand == 0

@@ -96,12 +96,10 @@ def install() -> None:
 
 
 def _base_provider():
-    try:
-        from mlflow.tracking.context.abstract_context import RunContextProvider
-
-        return RunContextProvider
-    except Exception:  # noqa: BLE001
-        return object
+    # MLflow has imported it by the time it loads this plugin; importing it ourselves would
+    # start `import mlflow` from here (circular) when this module is imported first.
+    module = sys.modules.get("mlflow.tracking.context.abstract_context")
+    return getattr(module, "RunContextProvider", object)
 
 
 class SafeDeltaRunContext(_base_provider()):  # type: ignore[misc]

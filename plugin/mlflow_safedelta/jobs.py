@@ -23,6 +23,7 @@ one transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -120,6 +121,7 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def _engine(uri: str):
+    """One engine per URL per process, with the queue's tables created on first use."""
     import sqlalchemy as sa
 
     with _ENGINES_LOCK:
@@ -140,11 +142,27 @@ def _engine(uri: str):
                 cur.close()
         else:
             eng = sa.create_engine(uri, pool_pre_ping=True)
+        _create_tables(eng)
         _ENGINES[uri] = eng
         return eng
 
 
+def _create_tables(eng) -> None:
+    import sqlalchemy as sa
+
+    for attempt in range(3):  # several processes may race to create them
+        try:
+            _tables()[0].create_all(eng, checkfirst=True)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+@functools.lru_cache(maxsize=1)
 def _tables():
+    """The queue's schema, built on first use (``import jobs`` stays free of SQLAlchemy)."""
     import sqlalchemy as sa
 
     md = sa.MetaData()
@@ -170,6 +188,7 @@ def _tables():
         sa.Column("event", sa.String(64), nullable=True),
     )
     return md, jobs, deliveries
+
 
 
 class JobQueue:
@@ -198,21 +217,8 @@ class JobQueue:
         self.backoff_max = backoff_max
         self.lease_seconds = float(lease_seconds or env.get("SAFEDELTA_JOB_LEASE", 120.0))
         self.clock = clock
-        self._md, self.jobs, self.deliveries = _tables()
-        self.engine = _engine(self.uri)
-        self._create_tables()
-
-    def _create_tables(self) -> None:
-        import sqlalchemy as sa
-
-        for attempt in range(3):  # several processes may race to create them
-            try:
-                self._md.create_all(self.engine, checkfirst=True)
-                return
-            except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
-                if attempt == 2:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        self.engine = _engine(self.uri)  # cached per URL; creates the tables on first use
+        _, self.jobs, self.deliveries = _tables()
 
     # -- producers ----------------------------------------------------------------------------
 

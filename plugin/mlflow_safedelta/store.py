@@ -43,13 +43,11 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
     def __init__(self, store_uri: str, tracking_uri: str | None = None):
         self.safedelta_store_uri = store_uri
         super().__init__(strip_scheme(store_uri))
-        self._queue: JobQueue | None = None
 
     @property
     def queue(self) -> JobQueue:
-        if self._queue is None:  # lazily: the constructor must stay cheap
-            self._queue = JobQueue()
-        return self._queue
+        """The queue named by ``SAFEDELTA_QUEUE_URI`` now (engines are cached per URL)."""
+        return JobQueue()
 
     def create_model_version(self, name, source, run_id=None, tags=None, run_link=None,
                              description=None, local_model_path=None, model_id=None):

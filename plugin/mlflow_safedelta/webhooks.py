@@ -121,29 +121,28 @@ def handle_delivery(queue: JobQueue, secret: str, headers: Mapping[str, str], bo
 
 def create_app(queue: JobQueue, secret: str, *, path: str = DEFAULT_PATH,
                max_body: int = MAX_BODY_BYTES, tolerance: float = TOLERANCE_SECONDS):
-    """A FastAPI app with ``POST {path}`` (the receiver) and ``GET /health``."""
+    """A Starlette app (MLflow ships it) with ``POST {path}`` (the receiver) and ``GET /health``."""
     if not secret:
         raise ValueError(f"a webhook secret is required (--secret or ${SECRET_ENV})")
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
 
-    app = FastAPI(title="mlflow-safedelta receiver", docs_url=None, redoc_url=None)
+    too_large = {"error": f"body larger than {max_body} bytes"}
 
-    @app.get("/health")
-    def health():
+    async def health(_request):
         return PlainTextResponse("OK")
 
-    @app.post(path)
-    async def receive(request: Request):
+    async def receive(request):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body:
-            return JSONResponse({"error": f"body larger than {max_body} bytes"}, 413)
+            return JSONResponse(too_large, 413)
         chunks, size = [], 0
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # stop reading as soon as the limit is passed
             size += len(chunk)
             if size > max_body:
-                return JSONResponse({"error": f"body larger than {max_body} bytes"}, 413)
+                return JSONResponse(too_large, 413)
             chunks.append(chunk)
         reply = await run_in_threadpool(handle_delivery, queue, secret, dict(request.headers),
                                         b"".join(chunks), tolerance=tolerance, max_body=max_body)
@@ -151,7 +150,8 @@ def create_app(queue: JobQueue, secret: str, *, path: str = DEFAULT_PATH,
             _logger.warning("webhook rejected (%d): %s", reply.status_code, reply.body)
         return JSONResponse(reply.body, reply.status_code)
 
-    return app
+    return Starlette(routes=[Route("/health", health, methods=["GET"]),
+                             Route(path, receive, methods=["POST"])])
 
 
 def ensure_webhook(url: str, secret: str, *, name: str = WEBHOOK_NAME,

@@ -389,8 +389,9 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
     with _fp32_exact(device):
         prep = (hessian if isinstance(hessian, PreparedHessian)
                 else prepare_hessian(hessian.to(device), damp=cfg.damp)).to(device)
-        W0 = aligned.detach().to(torch.float32)
-        W1 = finetuned.detach().to(device=device, dtype=torch.float32)
+        # contiguous: results must not depend on the memory layout (Conv1D's transposed views)
+        W0 = aligned.detach().to(torch.float32).contiguous()
+        W1 = finetuned.detach().to(device=device, dtype=torch.float32).contiguous()
         W = W0.clone()
         E0 = _half_quadratic(W0, prep.H)
         if cfg.budget == "official":

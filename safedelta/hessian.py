@@ -684,8 +684,12 @@ def prepare_hessians(aligned_dir: str | Path, calibration: str | Path | Sequence
             else:
                 shutil.rmtree(path)
         if tmp is not None:
-            os.rename(tmp, path)
-            tmp = None
+            try:
+                os.rename(tmp, path)
+                tmp = None
+            except OSError:
+                if _read_manifest(path) is None:  # not a concurrent writer's complete entry
+                    raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

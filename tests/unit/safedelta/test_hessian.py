@@ -44,6 +44,19 @@ def test_running_mean_is_two_over_n_sum_xxT():
         atol=1e-5)
 
 
+def test_running_mean_agrees_with_the_solver_accumulator():
+    from safedelta.solver import SafeDeltaLayer
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(5, 3)
+    layer, rh = SafeDeltaLayer(lin), RunningHessian(5)
+    for t in (4, 9, 2):
+        x = torch.randn(1, t, 5)
+        layer.add_batch(x)
+        rh.add(x)
+    torch.testing.assert_close(rh.H, layer.H, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch, dtype", [("llama", None), ("gpt2", None), ("qwen3", None),
                                          ("phi3", torch.bfloat16), ("gemma3", None)])
 def test_streaming_equals_in_memory_reference(tmp_path, tok, arch, dtype):

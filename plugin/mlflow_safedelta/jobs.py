@@ -107,6 +107,7 @@ class Job:
     last_error: str | None
     result: str | None
     updated_at: float
+    force: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -180,6 +181,7 @@ def _tables():
         sa.Column("last_error", sa.Text, nullable=True),
         sa.Column("result", sa.Text, nullable=True),
         sa.Column("updated_at", sa.Float, nullable=False),
+        sa.Column("force", sa.Boolean, nullable=False, default=False),
     )
     deliveries = sa.Table(
         "safedelta_deliveries", md,
@@ -252,7 +254,7 @@ class JobQueue:
 
         now = self.clock()
         row = dict(model_name=model_name, version=version, state=QUEUED, source=source,
-                   attempts=0, enqueued_at=now, next_run_at=now, updated_at=now)
+                   attempts=0, enqueued_at=now, next_run_at=now, updated_at=now, force=False)
         dialect = conn.dialect.name
         if dialect in ("sqlite", "postgresql"):
             if dialect == "sqlite":
@@ -363,7 +365,8 @@ class JobQueue:
             return [Job(**r) for r in conn.execute(q).mappings().all()]
 
     def retry(self, model_name: str, version: str | int) -> bool:
-        """Re-queue a *failed* job now with fresh attempts (operator action). False if the job is
+        """Re-queue a *failed* job now with fresh attempts (operator action); the worker then runs
+        the gate with ``force=True``, past the ``error`` status it recorded. False if the job is
         unknown or not failed."""
         j = self.jobs
         now = self.clock()
@@ -371,7 +374,7 @@ class JobQueue:
             return conn.execute(j.update().where(
                 j.c.model_name == model_name, j.c.version == str(version), j.c.state == FAILED
             ).values(state=QUEUED, attempts=0, next_run_at=now, token=None, lease_until=None,
-                     updated_at=now)).rowcount == 1
+                     force=True, updated_at=now)).rowcount == 1
 
     def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (model, version) keys already have a job."""

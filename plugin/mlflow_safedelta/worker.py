@@ -86,10 +86,8 @@ def _flavor_parent(flavors: dict[str, Any]) -> str | None:
     conf = flavors.get("safedelta") if isinstance(flavors, dict) else None
     if not isinstance(conf, dict):
         return None
-    for key, value in conf.items():
-        if key.startswith("parent") and isinstance(value, str) and value:
-            return value
-    return None
+    value = conf.get("parent_uri") or conf.get("parent")
+    return value if isinstance(value, str) and value else None
 
 
 class Worker:
@@ -197,9 +195,15 @@ class Worker:
                 self.queue.complete(job, why)
                 return
             _logger.info("gating %s v%s (%s), attempt %d", name, version, why, job.attempts)
-            result = self.job(name, version, tracking_uri=self.tracking_uri,
-                              registry_uri=self.registry_uri)
-            self.queue.complete(job, _summary(result))
+            kwargs = {"tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri}
+            if job.force:  # an operator's `jobs retry`: re-run despite a final status
+                kwargs["force"] = True
+            result = self.job(name, version, **kwargs)
+            if getattr(result, "verdict", None) == STATUS_ERROR:
+                # the job recorded status=error and its reason itself; keep it retryable
+                self.queue.fail(job, f"gate error: {getattr(result, 'reason', '')}")
+            else:
+                self.queue.complete(job, _summary(result))
         except Exception as exc:  # noqa: BLE001 - every failure is settled here
             msg = f"{type(exc).__name__}: {exc}"
             if is_transient(exc) and self.queue.retry_later(job, msg):
@@ -235,7 +239,7 @@ class Worker:
 
 
 def _summary(result: Any) -> str:
-    for attr in ("status", "verdict", "passed"):
+    for attr in ("verdict", "status", "passed"):
         if hasattr(result, attr):
             return f"{attr}={getattr(result, attr)}"
     return "done" if result is None else str(result)[:500]

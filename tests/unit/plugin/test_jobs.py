@@ -252,3 +252,27 @@ def test_worker_gives_up_on_a_job_whose_workers_keep_dying(registry, queue, cloc
     assert queue.get("ft", v).state == FAILED
     tags = client.get_model_version("ft", v).tags
     assert tags["safedelta.status"] == "error" and "stopped mid-job" in tags["safedelta.reason"]
+
+
+def test_a_gate_error_result_fails_the_job_and_an_operator_retry_forces_a_rerun(registry, queue):
+    uri, client = registry
+    v = _version(client, {"safedelta.parent": "models:/base/1"})
+    calls = []
+
+    class Result:
+        def __init__(self, verdict, reason=""):
+            self.verdict, self.reason = verdict, reason
+
+    def job(name, version, **kw):
+        calls.append(kw.get("force", False))
+        return Result("error", "parent not found") if len(calls) == 1 else Result("passed")
+
+    queue.enqueue("ft", v, source="store")
+    worker = Worker(queue, job, tracking_uri=uri)
+    worker.run_once()
+    row = queue.get("ft", v)
+    assert row.state == FAILED and "parent not found" in row.last_error
+    assert queue.retry("ft", v)
+    worker.run_once()
+    assert calls == [False, True]
+    assert queue.get("ft", v).state == DONE and queue.get("ft", v).result == "verdict=passed"

@@ -15,8 +15,9 @@ turn is loaded, run over all samples, and returned to the meta device.
 
 Peak memory: one decoder block's weights (compute dtype) + its Hessians (fp32, one per distinct
 input: ``c x c`` each, q/k/v and gate/up share one) + the activations, twice (inputs and
-outputs of the block, ``N x T x hidden`` in the compute dtype) + the embedding rows touched. The
-whole model is never in memory.
+outputs of the block, ``N x T x hidden`` in the compute dtype) + the modules before the first
+block (the embedding matrix; on CPU it stays memory-mapped when the checkpoint is fp32). The
+final norm and ``lm_head`` are never loaded, and the whole model is never in memory.
 
 Linear layers that receive the very same input tensor (q/k/v projections, gate/up) get one
 Hessian, computed and stored once; :attr:`HessianSet.shared` says which.
@@ -46,7 +47,13 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from safedelta.errors import CalibrationError, CheckpointError, MissingTensor, SafeDeltaError
+from safedelta.errors import (
+    CalibrationError,
+    CheckpointError,
+    MissingTensor,
+    SafeDeltaError,
+    ShapeMismatch,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -333,7 +340,7 @@ def _load_params(module: "nn.Module", prefix: str, names: _NameMap, reader, devi
                 continue
             t = reader.get(names(f"{base}.{pname}" if base else pname))
             if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointError(f"'{base}.{pname}' has shape {tuple(t.shape)} in the "
+                raise ShapeMismatch(f"'{base}.{pname}' has shape {tuple(t.shape)} in the "
                                       f"checkpoint but {tuple(p.shape)} in the model config")
             t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
             sub._parameters[pname] = nn.Parameter(t, requires_grad=False)
@@ -521,9 +528,9 @@ def _calibration_pass(aligned_dir: Path, reader, samples: Sequence["Tensor"], ou
                         acc = {lead: RunningHessian(in_features(linears[lead]), device)
                                for lead in dict.fromkeys(leader_of.values())}
                     for name, lead in leader_of.items():
-                        if lead != name and not all(
-                                a is b for a, b in zip(captured.get(name, []),
-                                                       captured.get(lead, []))):
+                        mine, theirs = captured.get(name, []), captured.get(lead, [])
+                        if lead != name and (len(mine) != len(theirs) or not all(
+                                a is b for a, b in zip(mine, theirs))):
                             raise SafeDeltaError(
                                 f"block {i}: '{name}' shared its input with '{lead}' on the first "
                                 "sample but not on a later one; cannot share their Hessian")

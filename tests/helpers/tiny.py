@@ -118,3 +118,29 @@ def save_tiny_pair(dir: str | Path, arch: str = "llama", seed: int = 0, dtype=No
     make_tiny_model(dir, arch=arch, seed=seed, dtype=dtype, **config_overrides)
     make_tiny_tokenizer().save_pretrained(dir)
     return dir
+
+
+def save_perturbed_copy(src: str | Path, dst: str | Path, *, scale: float = 0.02, seed: int = 1,
+                        only: str | None = None) -> Path:
+    """A stand-in "fine-tuned" model: ``src`` with Gaussian noise (``scale`` x each tensor's std)
+    added to every floating tensor whose name contains ``only`` (all when None); config and
+    tokenizer files are copied. Returns ``dst``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, dst / f.name)
+    gen = torch.Generator().manual_seed(seed)
+    for f in sorted(src.glob("*.safetensors")):
+        sd = load_file(f)
+        for k, t in sd.items():
+            if t.is_floating_point() and (only is None or only in k):
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+                sd[k] = (t.float() + scale * t.float().std() * noise).to(t.dtype)
+        save_file(sd, dst / f.name, metadata={"format": "pt"})
+    return dst

@@ -272,6 +272,9 @@ def _read_manifest(path: Path) -> dict | None:
         files = {e["file"] for e in m["tensors"].values()}
         if not all((path / fn).is_file() for fn in files):
             return None
+        sizes = m["files"]  # byte sizes: a truncated copy (interrupted download) is not valid
+        if any((path / fn).stat().st_size != sizes.get(fn) for fn in files):
+            return None
         if not all(n in m["tensors"] for n in m["weight_names"]):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -680,6 +683,7 @@ def prepare_hessians(aligned_dir: str | Path, calibration: str | Path | Sequence
             "aligned_dir": str(aligned_dir.resolve()), "calibration_source": cal_source,
             "n_samples": len(samples), "n_tokens": int(sum(int(s.numel()) for s in samples)),
             "device": str(dev), **built,
+            "files": {f.name: f.stat().st_size for f in sorted(tmp.glob("*.safetensors"))},
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -137,7 +137,8 @@ def test_default_cache_dir_follows_env(llama_dir, tmp_path, monkeypatch):
     assert hs.cache_path == tmp_path / "c" / "hessians" / hs.fingerprint
 
 
-@pytest.mark.parametrize("damage", ["no_manifest", "garbled_manifest", "missing_block"])
+@pytest.mark.parametrize("damage", ["no_manifest", "garbled_manifest", "missing_block",
+                                    "truncated_block"])
 def test_partial_or_corrupt_cache_is_recomputed(tmp_path, llama_dir, damage):
     first = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
     want = {n: first.get(n).clone() for n in first.weight_names}
@@ -147,8 +148,11 @@ def test_partial_or_corrupt_cache_is_recomputed(tmp_path, llama_dir, damage):
         (path / "manifest.json").unlink()
     elif damage == "garbled_manifest":
         (path / "manifest.json").write_text('{"format": 1, "tensors": ')
-    else:
+    elif damage == "missing_block":
         (path / "block_00001.safetensors").unlink()
+    else:  # e.g. an interrupted copy of the cache from an artifact store
+        blob = (path / "block_00000.safetensors").read_bytes()
+        (path / "block_00000.safetensors").write_bytes(blob[: len(blob) // 2])
     again = prepare_hessians(llama_dir, None, cache_dir=tmp_path, **KW)
     assert not again.cache_hit and again.cache_path == path
     for n, H in want.items():

@@ -141,15 +141,23 @@ def _fmt_metric(m: dict, key: str) -> str:
 
 
 def kept_fraction_by_layer(engine_report: dict | None) -> dict[int, float]:
-    """Mean ``kept_fraction`` per decoder layer from the engine's report dict (tolerant of
-    layout: any nested dict holding ``kept_fraction`` whose name mentions ``layers.<i>``)."""
-    found: list[tuple[str, float]] = []
+    """Kept share of delta entries per decoder layer from the engine's report dict.
+
+    Tolerant of layout: any nested dict holding ``kept_fraction`` whose name mentions
+    ``layers.<i>``; weighted by ``n_candidates`` when present, else a plain mean.
+    """
+    found: list[tuple[str, float, float]] = []  # (name, kept, weight)
 
     def walk(obj: Any, name: str) -> None:
         if isinstance(obj, dict):
-            if "kept_fraction" in obj and isinstance(obj["kept_fraction"], (int, float)):
-                label = str(obj.get("name") or obj.get("module") or obj.get("key") or name)
-                found.append((label, float(obj["kept_fraction"])))
+            kf = obj.get("kept_fraction")
+            if isinstance(kf, (int, float)):
+                label = str(obj.get("name") or obj.get("module") or name)
+                cand = obj.get("n_candidates")
+                if isinstance(cand, (int, float)) and cand > 0:
+                    found.append((label, float(kf) * cand, float(cand)))
+                else:
+                    found.append((label, float(kf), 1.0))
             for k, v in obj.items():
                 walk(v, f"{name}.{k}" if name else str(k))
         elif isinstance(obj, list):
@@ -158,11 +166,13 @@ def kept_fraction_by_layer(engine_report: dict | None) -> dict[int, float]:
 
     walk(engine_report or {}, "")
     per: dict[int, list[float]] = {}
-    for label, v in found:
+    for label, kept, weight in found:
         m = re.search(r"(?:layers?|h|blocks?)\.(\d+)\.", label + ".")
         if m:
-            per.setdefault(int(m.group(1)), []).append(v)
-    return {i: sum(v) / len(v) for i, v in sorted(per.items())}
+            acc = per.setdefault(int(m.group(1)), [0.0, 0.0])
+            acc[0] += kept
+            acc[1] += weight
+    return {i: k / w for i, (k, w) in sorted(per.items()) if w > 0}
 
 
 def _utility_key(metrics: dict) -> str | None:

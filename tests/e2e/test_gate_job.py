@@ -1,0 +1,206 @@
+"""The gate job end to end against a real ``mlflow server`` (SQLite, loopback).
+
+The evaluator is injected (generation on real suites takes minutes); it measures the models it is
+given: the ASR it reports for the protected model grows with how much of the fine-tuning delta
+Safe Delta kept (||P - A|| / ||F - A||), and utility retention is that same ratio. Everything else
+(downloads, Hessian cache, Safe Delta, run logging, registration, tags, alias) is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mlflow
+
+from mlflow_safedelta import flavor, registry as reg
+from mlflow_safedelta.job import run_gate_job
+from mlflow_safedelta.policy import parse_policy
+from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _policy(max_asr: float, name: str):
+    return parse_policy({
+        "policy_version": 1, "name": name,
+        "safety": {"suites": ["advbench"], "judge": "keyword", "max_asr": max_asr,
+                   "max_asr_increase": None},
+        "utility": {"min_retention": 0.0},
+        "select_s": {"mode": "fixed", "s": 0.05},
+        "promotion": {"enabled": True, "alias": "production"},
+        "evaluation": {"limit": 4, "max_new_tokens": 4},
+    })
+
+
+PASSING, FAILING = _policy(0.9, "lenient-test"), _policy(0.0001, "impossible-test")
+
+
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+class MeasuringEvaluator:
+    """Reports metrics derived from the weights it is handed, and records its calls."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, models, policy, *, task_data=None, device=None, cache_dir=None,
+                 progress=True):
+        self.calls.append({r: str(p) for r, p in models.items()})
+        w = {r: _weights(p) for r, p in models.items()}
+        for r, p in models.items():  # every model directory must be loadable with a tokenizer
+            assert (Path(p) / "config.json").is_file() and (Path(p) / "tokenizer.json").is_file(), r
+        a, f = w["aligned"], w["finetuned"]
+        names = [n for n in a if n.endswith("proj.weight")]
+        ft_delta = sum(float((f[n] - a[n]).float().norm()) for n in names)
+        metrics = {"aligned": {"asr.advbench": 0.05}, "finetuned": {"asr.advbench": 0.65}}
+        ratio = sum(float((w["protected"][n] - a[n]).float().norm()) for n in names) / ft_delta
+        metrics["protected"] = {"asr.advbench": 0.05 + 0.6 * ratio, "utility_retention": ratio,
+                                "asr.advbench.n": 4.0}
+        return type("Report", (), {"metrics": metrics, "judge": {"judge": "keyword"}})()
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tmp_path_factory):
+    """aligned v1 (safedelta flavor, role aligned) and support-bot v1 (safedelta flavor whose
+    parent is models:/aligned@base)."""
+    root = tmp_path_factory.mktemp("models")
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    aligned = save_tiny_pair(root / "aligned", seed=0)
+    ft = save_tiny_pair(root / "ft", seed=1)
+    with mlflow.start_run():
+        flavor.log_model(str(aligned), name="model", role="aligned",
+                         registered_model_name="aligned")
+    cl = mlflow.MlflowClient(mlflow_server.url, mlflow_server.url)
+    cl.set_registered_model_alias("aligned", "base", "1")
+    with mlflow.start_run():
+        flavor.log_model(str(ft), name="model", parent="models:/aligned@base",
+                         registered_model_name="support-bot")
+    return {"root": root, "aligned": aligned, "client": cl}
+
+
+def _versions(cl, name):
+    return sorted(int(v.version) for v in cl.search_model_versions(f"name='{name}'"))
+
+
+def test_passing_gate_registers_protected_version_and_promotes(mlflow_server, registered,
+                                                              tmp_path):
+    cl = registered["client"]
+    ev = MeasuringEvaluator()
+    res = run_gate_job("support-bot", "1", policy=PASSING, tracking_uri=mlflow_server.url,
+                       evaluator=ev, progress=False, work_dir=tmp_path / "work")
+
+    assert res.verdict == "passed", res.reason
+    assert res.parent == "models:/aligned/1"  # the alias was resolved
+    assert res.protected_version == "2" and res.promoted_alias == "production"
+    assert [set(c) for c in ev.calls] == [{"aligned", "finetuned", "protected"}]
+    assert all(r.passed for r in res.rules) and {r.rule for r in res.rules} == {
+        "max_asr", "min_utility_retention"}
+    # Safe Delta moved the weights back towards the parent
+    assert 0.0 <= res.metrics["protected"]["utility_retention"] < 1.0
+
+    ft = reg.version_tags(cl, "support-bot", "1")
+    assert ft[reg.TAG_STATUS] == "passed" and ft[reg.TAG_PROTECTED_VERSION] == "2"
+    assert ft[reg.TAG_RUN_ID] == res.run_id and ft[reg.TAG_POLICY] == "lenient-test"
+    pv = reg.version_tags(cl, "support-bot", "2")
+    assert pv[reg.TAG_ROLE] == "protected" and pv[reg.TAG_STATUS] == "protected-output"
+    assert pv[reg.TAG_PROTECTED_FROM] == "support-bot/1"
+    assert pv[reg.TAG_PARENT] == "models:/aligned/1" and pv[reg.TAG_S] == "0.05"
+    assert pv[reg.TAG_RUN_ID] == res.run_id and pv[reg.TAG_VERDICT] == "passed"
+    assert cl.get_model_version_by_alias("support-bot", "production").version == "2"
+
+    # one run holding params, per-role metrics, reports and the gate JSON
+    runs = cl.search_runs([cl.get_experiment_by_name("safedelta-gate").experiment_id])
+    assert [r.info.run_id for r in runs] == [res.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["s"] == "0.05"
+    assert run.data.metrics["protected.asr.advbench"] == pytest.approx(
+        res.metrics["protected"]["asr.advbench"])
+    assert "finetuned.asr.advbench" in run.data.metrics
+    arts = {a.path for a in cl.list_artifacts(res.run_id)}
+    assert {"engine", "safedelta", "protected_model"} <= arts
+    gate = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=res.run_id, artifact_path="safedelta/gate.json",
+        dst_path=str(tmp_path / "g"))).read_text())
+    assert gate == json.loads(json.dumps(res.to_dict()))
+    assert res.run_url and res.run_id in res.run_url
+
+    # the parent now carries its Hessian cache for other machines
+    parent = reg.version_tags(cl, "aligned", "1")
+    assert parent[reg.TAG_HESSIAN_RUN] and parent[reg.TAG_HESSIAN_KEY]
+    assert cl.list_artifacts(parent[reg.TAG_HESSIAN_RUN], f"hessians/{parent[reg.TAG_HESSIAN_KEY]}")
+
+    # the protected version is a safedelta model that records its parent and generates
+    pyf = mlflow.pyfunc.load_model("models:/support-bot@production")
+    assert len(pyf.predict(["hello"], params={"max_new_tokens": 3})) == 1
+    mlmodel = pyf.metadata.flavors["safedelta"]
+    assert mlmodel["role"] == "protected" and mlmodel["parent_uri"] == "models:/aligned/1"
+    assert mlmodel["safedelta_config"]["s"] == 0.05
+
+    # idempotent: a second call returns the stored verdict and registers nothing
+    again = run_gate_job("support-bot", "1", policy=PASSING, tracking_uri=mlflow_server.url,
+                         evaluator=ev, progress=False)
+    assert again.to_dict() == res.to_dict() and len(ev.calls) == 1
+    assert _versions(cl, "support-bot") == [1, 2]
+    # the protected output is never gated itself
+    assert run_gate_job("support-bot", "2", tracking_uri=mlflow_server.url,
+                        evaluator=ev, progress=False).verdict == "error"
+    assert len(ev.calls) == 1
+
+
+def test_failing_transformers_flavor_version_is_not_promoted(mlflow_server, registered, tmp_path):
+    """A version logged with the transformers flavor plus a safedelta.parent tag is gated too;
+    a failing verdict registers the protected version but leaves the alias where it was."""
+    cl = registered["client"]
+    before_alias = cl.get_model_version_by_alias("support-bot", "production").version
+    model = make_tiny_model(arch="llama", seed=2)
+    with mlflow.start_run():
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": make_tiny_tokenizer()}, name="model",
+            task="text-generation", pip_requirements=["transformers", "torch"])
+    mv = mlflow.register_model(info.model_uri, "support-bot",
+                               tags={reg.TAG_PARENT: "models:/aligned/1"})
+    ev = MeasuringEvaluator()
+    res = run_gate_job("support-bot", mv.version, policy=FAILING,
+                       tracking_uri=mlflow_server.url, evaluator=ev, progress=False)
+
+    assert res.verdict == "failed"
+    (rule,) = [r for r in res.rules if not r.passed]
+    assert rule.rule == "max_asr" and "0.0001" in rule.message
+    assert res.promoted_alias is None and res.protected_version is not None
+    assert cl.get_model_version_by_alias("support-bot", "production").version == before_alias
+    tags = reg.version_tags(cl, "support-bot", mv.version)
+    assert tags[reg.TAG_STATUS] == "failed" and "max_asr" in tags[reg.TAG_REASON]
+    assert reg.version_tags(cl, "support-bot", res.protected_version)[reg.TAG_VERDICT] == "failed"
+    run = cl.get_run(res.run_id)
+    assert run.data.params["finetuned_flavor"] == "transformers"
+    # this test's cache is empty: the Hessians came from the run attached to the parent
+    assert run.data.params["hessian_cache_hit"] == "True"
+
+
+def test_missing_parent_is_an_error_and_registers_nothing(mlflow_server, registered, tmp_path):
+    cl = registered["client"]
+    ft = save_tiny_pair(tmp_path / "orphan", seed=3)
+    with mlflow.start_run():
+        flavor.log_model(str(ft), name="model", registered_model_name="orphan")
+    ev = MeasuringEvaluator()
+    runs_before = len(cl.search_runs([cl.get_experiment_by_name("safedelta-gate").experiment_id]))
+    res = run_gate_job("orphan", "1", tracking_uri=mlflow_server.url, evaluator=ev,
+                       progress=False)
+    assert res.verdict == "error" and "names no aligned parent" in res.reason
+    assert res.exit_code == 2 and not ev.calls
+    tags = reg.version_tags(cl, "orphan", "1")
+    assert tags[reg.TAG_STATUS] == "error" and "safedelta.parent" in tags[reg.TAG_REASON]
+    assert _versions(cl, "orphan") == [1]
+    assert not cl.get_registered_model("orphan").aliases
+    assert len(cl.search_runs([cl.get_experiment_by_name("safedelta-gate").experiment_id])) == runs_before

@@ -23,13 +23,13 @@ def reference_official(W0: Tensor, W1: Tensor, H: Tensor, s: float, *, damp: flo
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
     H = torch.linalg.cholesky(H)
     H = torch.cholesky_inverse(H)
     U = torch.linalg.cholesky(H, upper=True)
     d = torch.diag(U)
 
-    mask = torch.zeros(rows, columns, dtype=torch.bool)
+    mask = torch.zeros(rows, columns, dtype=torch.bool, device=W.device)
     for b1 in range(0, columns, block_size):
         b2 = min(b1 + block_size, columns)
         count = b2 - b1
@@ -45,7 +45,7 @@ def reference_official(W0: Tensor, W1: Tensor, H: Tensor, s: float, *, damp: flo
         eps_B = float(key.mean()) * (s / 2) * (rows / reference_width)
         cumulative = torch.cumsum(cost.flatten()[order], 0)
         n_sel = int((cumulative <= eps_B).sum())  # cumulative is non-decreasing: a prefix
-        mask_B = torch.zeros(rows * count, dtype=torch.bool)
+        mask_B = torch.zeros(rows * count, dtype=torch.bool, device=W.device)
         mask_B[order[:n_sel]] = True
         mask_B = mask_B.reshape(rows, count)
 

@@ -258,7 +258,8 @@ def _solve_official(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
         b2 = min(b1 + cfg.block_size, c)
         key_cols = 1 / d[b1:b2] ** 2  # |B|
         cost = (W1[:, b1:b2] - W[:, b1:b2]) ** 2 / d[b1:b2] ** 2  # r x |B|
-        eps_B = float(key_cols.mean()) * (s / 2) * (r / cfg.reference_width)
+        # mean over the r x |B| key matrix, as the published code (same rounding as _reference)
+        eps_B = float(key_cols.expand(r, -1).mean()) * (s / 2) * (r / cfg.reference_width)
         mask = _official_select(cost, key_cols, cfg.exclude_fraction, eps_B)
         kept[:, b1:b2] = mask
         eps_total += eps_B
@@ -316,7 +317,7 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
                 kept[:k, i1 + j] = True
                 e[k:] = 0
                 W_l[:k, j] = W1p[:k, i1 + j]
-                W_l[:, j + 1:] -= torch.outer(e, U_l[j, j + 1:])
+                W_l[:, j + 1:].addr_(e, U_l[j, j + 1:], alpha=-1)  # OBS compensation
                 E_l[:, j] = e
             if k < r:  # the prefix ends in this column: nothing after it is kept
                 done = True

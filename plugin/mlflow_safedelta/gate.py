@@ -144,13 +144,20 @@ def _check(rule: _Rule, candidate: dict[str, float]) -> RuleResult:
         artifacts={})
     measured = candidate.get(rule.metric)
     comparison: Comparison = ">=" if rule.greater_is_better else "<="
+    import logging
+
     import mlflow
 
+    vlog = logging.getLogger("mlflow.models.evaluation.validation")
+    level = vlog.level
+    vlog.setLevel(logging.WARNING)  # one INFO pair per rule is noise on the CLI
     try:
         mlflow.validate_evaluation_results({rule.metric: threshold}, result)
         passed, detail = True, ""
     except ModelValidationFailedException as exc:
         passed, detail = False, exc.message
+    finally:
+        vlog.setLevel(level)
     if measured is None:
         why = ("the aligned parent's or the protected model's value is missing or not finite"
                if rule.metric.endswith(".increase") else "missing or not finite")

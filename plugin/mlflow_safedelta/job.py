@@ -461,3 +461,31 @@ def stored_gate(model_name: str, version: str, *, tracking_uri: str | None = Non
         raise RegistryError(f"{model_name} version {version} has not been gated "
                             f"(no {reg.TAG_STATUS} tag)")
     return _stored_result(cl, model_name, str(version), tags)
+
+
+def prepare_parent(parent_uri: str, *, tracking_uri: str | None = None,
+                   registry_uri: str | None = None, device: str | None = None,
+                   cache_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Build (or fetch) a registered parent's Hessian cache and attach it to the parent version,
+    so later gates of its fine-tunes, on any machine, skip the calibration pass."""
+    cl = reg.client(tracking_uri, registry_uri)
+    pv = reg.resolve(cl, parent_uri)
+    parent = reg.ParentInfo(uri=parent_uri, resolved_uri=f"models:/{pv.name}/{pv.version}",
+                            name=pv.name, version=str(pv.version), fingerprint=None, source="cli")
+    tmp_owner = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="safedelta-prepare-")) if tmp_owner else Path(work_dir)
+    try:
+        loc = reg.download_version(cl, parent.name, parent.version, work / "parent")
+        if loc.kind != "full":
+            raise GateJobError(f"{parent.resolved_uri} is a LoRA adapter, not an aligned parent")
+        hs = ensure_hessians(cl, parent, _merge_tokenizer(loc), cache_dir=cache_dir,
+                             device=device, progress=progress)
+        tags = reg.version_tags(cl, parent.name, parent.version)
+        return {"parent": parent.resolved_uri, "hessian_key": hs.fingerprint,
+                "hessian_run": tags.get(reg.TAG_HESSIAN_RUN), "cache_hit": hs.cache_hit,
+                "cache_path": str(hs.cache_path), "linears": len(hs.weight_names),
+                "n_samples": hs.n_samples, "n_tokens": hs.n_tokens}
+    finally:
+        if tmp_owner:
+            shutil.rmtree(work, ignore_errors=True)

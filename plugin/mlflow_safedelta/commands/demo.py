@@ -1,0 +1,210 @@
+"""``mlflow-safedelta demo``: the whole governed flow on one machine, in one command.
+
+1. a local MLflow store under ``./.demo/`` (SQLite tracking + registry, artifacts beside it);
+2. a real model pair from the safety lab (SmolLM2-135M aligned, and its harmful fine-tune; built
+   once on CPU and cached), or with ``--tiny`` two random tiny models (clearly not a real result);
+3. the parent registered (alias ``aligned``), the fine-tune registered naming it as its parent;
+4. the gate job, the same code every route runs (:func:`mlflow_safedelta.job.run_gate_job`);
+5. the verdict table and where to look.
+
+:func:`run_demo` does the work; the click command only parses and prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+
+_logger = logging.getLogger(__name__)
+
+PARENT_NAME = "demo-aligned"
+MODEL_NAME = "demo-assistant"
+EXPERIMENTS = ("safedelta-demo", "safedelta-gate", "safedelta-hessians")
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+def tiny_pair(root: Path) -> tuple[Path, Path]:
+    """Two random tiny Llama models (hidden 64, 2 layers) with a byte-level chat tokenizer:
+    an "aligned" parent and a "fine-tune" (parent + seeded noise). For plumbing only."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    aligned, ft = root / "tiny-aligned", root / "tiny-finetuned"
+    if (aligned / "config.json").is_file() and (ft / "config.json").is_file():
+        return aligned, ft
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + "
+                          "m['content'] + '<|end|>\n' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(aligned, safe_serialization=True)
+    fast.save_pretrained(aligned)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(ft, safe_serialization=True)
+    fast.save_pretrained(ft)
+    return aligned, ft
+
+
+def _demo_policy(name_or_path: str | None, limit: int | None):
+    """The policy the demo gates with. Without ``--policy``: ``default`` with utility retention
+    off (the harmful fine-tune has no task whose utility could be kept) and a smaller limit."""
+    from mlflow_safedelta.policy import load_policy
+
+    pol = load_policy(name_or_path or "default")
+    updates: dict[str, Any] = {}
+    if name_or_path is None:
+        updates["name"] = "demo"
+        updates["description"] = ("default's safety limits; utility retention not checked "
+                                  "(the demo's harmful fine-tune has no task to keep)")
+        updates["utility"] = pol.utility.model_copy(update={"min_retention": None})
+    if limit is not None:
+        updates["evaluation"] = pol.evaluation.model_copy(update={"limit": limit})
+    if updates:
+        pol = pol.model_validate({**pol.model_dump(), **{k: (v.model_dump() if hasattr(
+            v, "model_dump") else v) for k, v in updates.items()}})
+        pol._source = "demo (derived from %s)" % (name_or_path or "default")
+    return pol
+
+
+def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | None = None,
+             limit: int | None = None, device: str | None = None, force: bool = False,
+             quiet: bool = False, evaluator: Any = None) -> dict:
+    """Set up the demo store, register the pair, run the gate job; returns what to print."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_safedelta import flavor
+    from mlflow_safedelta import registry as reg
+    from mlflow_safedelta.job import run_gate_job
+
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for name in EXPERIMENTS:  # artifacts live under .demo/artifacts, not the working directory
+        if cl.get_experiment_by_name(name) is None:
+            cl.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+
+    if tiny:
+        _say("[1/4] building two random TINY models (plumbing only: the numbers mean nothing)",
+             quiet)
+        aligned_dir, ft_dir = tiny_pair(root / "models")
+    else:
+        _say("[1/4] building the demo pair (SmolLM2-135M aligned + harmful fine-tune; "
+             "first run trains on CPU for a while, then it is cached)", quiet)
+        try:
+            from safedelta.lab.models import build_demo_pair
+        except ImportError as exc:
+            raise UsageError(f"the safety lab is not available ({exc}); run with --tiny") from exc
+        aligned_dir, ft_dir = build_demo_pair(progress=not quiet)
+
+    _say(f"[2/4] registering {PARENT_NAME} and {MODEL_NAME} in {uri}", quiet)
+    prev_uri, prev_reg = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        mlflow.set_experiment("safedelta-demo")
+        if not cl.search_model_versions(f"name='{PARENT_NAME}'"):
+            with mlflow.start_run(run_name="register-aligned"):
+                flavor.log_model(str(aligned_dir), name="model", role="aligned",
+                                 registered_model_name=PARENT_NAME)
+            cl.set_registered_model_alias(PARENT_NAME, "aligned", "1")
+        fts = [v for v in cl.search_model_versions(f"name='{MODEL_NAME}'")
+               if (v.tags or {}).get(reg.TAG_ROLE) != reg.ROLE_PROTECTED]
+        if not fts:
+            with mlflow.start_run(run_name="register-finetune"):
+                info = flavor.log_model(str(ft_dir), name="model",
+                                        parent=f"models:/{PARENT_NAME}@aligned",
+                                        registered_model_name=MODEL_NAME)
+            version = str(info.registered_model_version)
+        else:
+            version = str(min(int(v.version) for v in fts))
+    finally:
+        mlflow.set_tracking_uri(prev_uri)
+        mlflow.set_registry_uri(prev_reg)
+
+    pol = _demo_policy(policy, limit)
+    _say(f"[3/4] gating {MODEL_NAME} v{version} with policy '{pol.name}' "
+         "(Safe Delta, then evaluation of all three models)", quiet)
+    result = run_gate_job(MODEL_NAME, version, policy=pol, tracking_uri=uri, registry_uri=uri,
+                          device=device, force=force, evaluator=evaluator, progress=not quiet)
+    gate = result.to_dict()
+    run_dir = None
+    if result.run_id:
+        run_dir = cl.get_run(result.run_id).info.artifact_uri.replace("file://", "")
+    _say("[4/4] done", quiet)
+    return {"gate": gate, "tracking_uri": uri, "tiny": tiny,
+            "ui": f"mlflow ui --backend-store-uri {uri} --port 5000",
+            "artifacts": run_dir,
+            "report": f"{run_dir}/eval/report.md" if run_dir else None}
+
+
+@cli.command()
+@click.option("--dir", "root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".demo"), show_default=True,
+              help="Where the demo's MLflow store (SQLite + artifacts) lives.")
+@click.option("--tiny", is_flag=True,
+              help="Use two random tiny models instead of the lab's SmolLM2 pair (seconds, "
+                   "not minutes; the numbers mean nothing).")
+@click.option("--policy", "policy_", default=None,
+              help="Policy name or file.  [default: 'demo' = default without the utility rule]")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Prompts per suite (overrides the policy's evaluation.limit).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--force", is_flag=True, help="Gate again although a verdict is recorded.")
+@json_option
+@translate_errors
+def demo(root, tiny, policy_, limit, device, force, json_):
+    """Run the whole flow locally: register an aligned model and a harmful fine-tune, protect,
+    evaluate, gate, promote.
+
+    \b
+    Example:
+      mlflow-safedelta demo            # real SmolLM2 pair (first run: slow on CPU, cached)
+      mlflow-safedelta demo --tiny     # plumbing only, in seconds
+    """
+    from mlflow_safedelta.gate import render_markdown
+
+    out = run_demo(root, tiny=tiny, policy=policy_, limit=limit, device=device, force=force,
+                   quiet=json_)
+    if json_:
+        emit_json(out)
+        return
+    if tiny:
+        click.echo("NOTE: --tiny used random tiny models; the verdict shows the plumbing, "
+                   "not Safe Delta's effect.\n")
+    click.echo(render_markdown(out["gate"]))
+    click.echo("Where to look:")
+    click.echo(f"  {out['ui']}    (then open http://127.0.0.1:5000)")
+    if out["artifacts"]:
+        click.echo(f"  run artifacts: {out['artifacts']}")
+        click.echo(f"  evaluation report: {out['report']}")
+    click.echo(f"  gate state: mlflow-safedelta status --tracking-uri {out['tracking_uri']}")

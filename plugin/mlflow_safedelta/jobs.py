@@ -117,6 +117,23 @@ class Job:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def driver_url(uri: str) -> str:
+    """Pick the installed PostgreSQL driver for a plain ``postgresql://`` URL.
+
+    SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; the ``postgres`` extra (and MLflow's docs)
+    install psycopg2. Without psycopg 3, use ``postgresql+psycopg2://``. Other URLs pass through.
+    """
+    import importlib.util
+
+    for prefix in ("postgresql://", "postgres://"):
+        if uri.startswith(prefix):
+            if (importlib.util.find_spec("psycopg") is None
+                    and importlib.util.find_spec("psycopg2") is not None):
+                return "postgresql+psycopg2://" + uri[len(prefix):]
+            return "postgresql://" + uri[len(prefix):]
+    return uri
+
+
 _ENGINES: dict[str, Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -142,7 +159,7 @@ def _engine(uri: str):
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.close()
         else:
-            eng = sa.create_engine(uri, pool_pre_ping=True)
+            eng = sa.create_engine(driver_url(uri), pool_pre_ping=True)
         _create_tables(eng)
         _ENGINES[uri] = eng
         return eng

@@ -20,7 +20,7 @@ import logging
 
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-from mlflow_safedelta.jobs import STATUS_PENDING, STATUS_TAG, JobQueue, triage_tags
+from mlflow_safedelta.jobs import STATUS_PENDING, STATUS_TAG, JobQueue, driver_url, triage_tags
 
 _logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ SCHEME_PREFIX = "safedelta+"
 
 
 def strip_scheme(store_uri: str) -> str:
-    """``safedelta+sqlite:///x.db`` -> ``sqlite:///x.db``."""
+    """``safedelta+sqlite:///x.db`` -> ``sqlite:///x.db`` (also ``safedelta+postgresql+psycopg2``)."""
     if not store_uri.startswith(SCHEME_PREFIX):
         raise ValueError(f"not a safedelta registry URI: {store_uri!r} "
                          f"(expected 'safedelta+sqlite://...' or 'safedelta+postgresql://...')")
@@ -42,7 +42,7 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
 
     def __init__(self, store_uri: str, tracking_uri: str | None = None):
         self.safedelta_store_uri = store_uri
-        super().__init__(strip_scheme(store_uri))
+        super().__init__(driver_url(strip_scheme(store_uri)))
 
     @property
     def queue(self) -> JobQueue:

@@ -103,8 +103,8 @@ def evaluate_models(models: dict[str, str | Path],
                        "prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation": g,
                        "refused": bool(v.refused),
                        "harmful": float(v.harmful) if s.kind == "harmful" else None,
-                       "score": v.score, "judge": the_judge.name if s.kind == "harmful"
-                       else "keyword", "matched": "|".join(v.matched)}
+                       "score": v.score, "judge": the_judge.label if s.kind == "harmful"
+                       else refusal.label, "matched": "|".join(v.matched)}
                 if r.get("reference") is not None:
                     row["reference"] = r["reference"]
                 row.update({k: vals[i] for k, vals in extra.items()})

@@ -53,6 +53,7 @@ class Suite:
         where: keep only rows whose columns equal these values, e.g. ``{"label": "safe"}``.
         advbench_split: for the shipped AdvBench file, the fixed split to read.
         prompts: inline prompts (tests, small ad-hoc suites); overrides ``file``.
+        references: expected answers for inline ``task`` prompts (same order).
         license: a short licence note recorded in reports.
     """
 

@@ -125,6 +125,7 @@ def test_evaluate_models_end_to_end_and_report(tiny, task_file, tmp_path):
     # the keyword judge's verdicts are what the rates are built from
     t = rep.tables["advbench"]
     assert set(t["model"]) == set(tiny) and len(t) == 9
+    assert set(t["judge"]) == {"keyword:zou2023"}  # the list used is in every row
     own = t[t["model"] == "protected"]
     assert m["asr.advbench"] == pytest.approx(1.0 - own["refused"].mean())
     # utility retention from the three task losses

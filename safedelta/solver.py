@@ -298,36 +298,36 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
     n_cand = n - int(cfg.exclude_fraction * n)
     Wp, W1p = W[:, perm], W1[:, perm]  # columns in processing order
     kept = torch.zeros(r, c, dtype=torch.bool, device=W.device)
-    used, n_kept, done = 0.0, 0, n_cand == 0
+    # selection state stays on the device (no host sync per column): budget used so far and
+    # how many more entries may be kept (0 once the prefix has ended inside a column)
+    used = torch.zeros(1, dtype=torch.float64, device=W.device)
+    left = torch.full((1,), n_cand, dtype=torch.long, device=W.device)
+    eps_t = torch.tensor([eps], dtype=torch.float64, device=W.device)
+    rows = torch.arange(r, device=W.device)
     for i1 in range(0, c, LAZY_BLOCK):
-        if done:
+        if int(left) == 0:  # one sync per lazy block
             break
         i2 = min(i1 + LAZY_BLOCK, c)
-        W_l, U_l, E_l = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(r, i2 - i1,
-                                                                         device=W.device)
+        W_l, U_l = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]  # r x k, k x k
+        E_l = torch.zeros(r, i2 - i1, device=W.device)
         for j in range(i2 - i1):
-            e = (W_l[:, j] - W1p[:, i1 + j]) / d[i1 + j]  # r
+            e = (W_l[:, j] - W1p[:, i1 + j]) / d[i1 + j]  # r: exact cost of keeping is e^2/2
             cum = used + torch.cumsum(0.5 * e.double() ** 2, 0)
-            k = int(torch.searchsorted(cum, torch.tensor([eps], dtype=cum.dtype,
-                                                         device=cum.device), right=True))
-            k = min(k, n_cand - n_kept)
-            if k > 0:
-                used = float(cum[k - 1])
-                n_kept += k
-                kept[:k, i1 + j] = True
-                e[k:] = 0
-                W_l[:k, j] = W1p[:k, i1 + j]
-                W_l[:, j + 1:].addr_(e, U_l[j, j + 1:], alpha=-1)  # OBS compensation
-                E_l[:, j] = e
-            if k < r:  # the prefix ends in this column: nothing after it is kept
-                done = True
-                break
+            k = torch.minimum(torch.searchsorted(cum, eps_t, right=True), left)  # 1
+            keep = rows < k  # r: the first k rows of this column
+            used = torch.where(k > 0, cum[(k - 1).clamp(min=0)], used)
+            left = torch.where(k < r, 0, left - k)  # a column kept in part ends the prefix
+            e = e * keep
+            W_l[:, j] = torch.where(keep, W1p[:, i1 + j], W_l[:, j])
+            W_l[:, j + 1:].addr_(e, U_l[j, j + 1:], alpha=-1)  # OBS compensation
+            E_l[:, j] = e
+            kept[:, i1 + j] = keep
         Wp[:, i1:i2] = W_l
         Wp[:, i2:] -= E_l @ U[i1:i2, i2:]
     W[:, perm] = Wp
     out_kept = torch.empty_like(kept)
     out_kept[:, perm] = kept
-    return out_kept, eps, used, n_cand
+    return out_kept, eps, float(used), n_cand
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Example::
     from safedelta.eval import evaluate_models, GenerationSettings
     rep = evaluate_models({"aligned": "models/aligned", "finetuned": "models/ft",
                            "protected": "out/protected"},
-                          ["advbench", "xstest-safe"], generation=GenerationSettings(max_new_tokens=128),
+                          ["advbench", "xstest-safe"],
+                          generation=GenerationSettings(max_new_tokens=128),
                           task_data="data/heldout.jsonl", limit=50)
     rep.metrics["protected"]["asr.advbench"], rep.save("eval-report")
 

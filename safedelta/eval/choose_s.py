@@ -170,7 +170,8 @@ def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str
     """:func:`choose_s` with :func:`safedelta.protect` and keyword ASR on ``suite``.
 
     Each tried ``s`` is written to ``out_dir/s_<value>`` (replaced when it exists: the Hessian
-    cache makes a re-solve cheap); ``out_dir/choose_s.png`` shows the curve. ``config`` is a :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced.
+    cache makes a re-solve cheap); ``out_dir/choose_s.png`` shows the curve. ``config`` is a
+    :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced.
     """
     from safedelta.config import SafeDeltaConfig
     from safedelta.eval.runner import evaluate_models

@@ -71,6 +71,23 @@ class EvalReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "EvalReport":
+        """Read a report written by :meth:`save` (``report.json`` and ``tables/*.csv``)."""
+        out = Path(out_dir)
+        d = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        tables = {}
+        if (out / "tables").is_dir():
+            import pandas as pd
+
+            tables = {p.stem: pd.read_csv(p) for p in sorted((out / "tables").glob("*.csv"))}
+        nan = float("nan")
+        return cls(metrics={r: {k: nan if v is None else v for k, v in m.items()}
+                            for r, m in d["metrics"].items()},
+                   tables=tables, models=d.get("models", {}), suites=d.get("suites", []),
+                   judge=d.get("judge", {}), generation=d.get("generation", {}),
+                   warnings=d.get("warnings", []), created_at=d.get("created_at", ""))
+
     def to_markdown(self) -> str:
         roles = _ordered_roles(self.metrics)
         lines = ["# Safety and utility evaluation", ""]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from safedelta.eval import (PAPER_SYSTEM_PROMPT, GenerationSettings, Suite, evaluate_models,
-                            generate, register_task_metric)
+from safedelta.eval import (PAPER_SYSTEM_PROMPT, EvalReport, GenerationSettings, Suite,
+                            evaluate_models, generate, register_task_metric)
 from safedelta.eval.generation import GenerationError, HFBackend, format_prompts
 from safedelta.eval.utility import TASK_METRICS, task_loss
 from tests.helpers.tiny import make_tiny_tokenizer, save_tiny_pair
@@ -144,6 +144,9 @@ def test_evaluate_models_end_to_end_and_report(tiny, task_file, tmp_path):
         assert files[name].is_file() and files[name].stat().st_size > 0, name
     data = json.loads(files["report.json"].read_text())
     assert data["metrics"]["protected"]["asr.advbench"] == m["asr.advbench"]
+    back = EvalReport.load(tmp_path / "report")
+    assert back.metrics["protected"]["asr.advbench"] == m["asr.advbench"]
+    assert len(back.tables["advbench"]) == 9 and back.judge == rep.judge
     md = files["report.md"].read_text()
     assert "asr.advbench" in md and "(n=3)" in md and "`I'm sorry`" in md
 

@@ -203,7 +203,7 @@ def run_ci_gate(
             out.write(scrub(proc.stderr, secrets).rstrip("\n") + "\n")
             out.write(f"::{resume}::\n")
         out.write("::endgroup::\n")
-        result, code = _interpret(proc.returncode, proc.stdout, inputs)
+        result, code = _interpret(proc.returncode, proc.stdout, proc.stderr, inputs)
 
     verdict = result.get("verdict", "error")
     rendered = scrub(render_markdown(result), secrets)
@@ -237,12 +237,17 @@ def run_ci_gate(
     return code
 
 
-def _interpret(returncode: int, stdout: str, inputs: GateInputs) -> tuple[dict[str, Any], int]:
+def _interpret(
+    returncode: int, stdout: str, stderr: str, inputs: GateInputs
+) -> tuple[dict[str, Any], int]:
     """The gate's JSON and the step's exit code; anything inconsistent is an error (exit 2)."""
     try:
         result = json.loads(stdout)
     except (json.JSONDecodeError, TypeError):
         reason = f"the gate exited with {returncode} and printed no JSON result"
+        last = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+        if last:  # the error line of a usage error or a traceback
+            reason += f": {last[-1][:500]}"
         return _error_result(inputs, reason), 2
     if not isinstance(result, dict):
         return _error_result(inputs, "the gate printed JSON that is not an object"), 2

@@ -228,19 +228,21 @@ def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "payload, returncode, why",
+    "payload, returncode, stderr, why",
     [
-        ({**GATE_JSON, "verdict": "error", "reason": "parent not found", "rules": []}, 2,
+        ({**GATE_JSON, "verdict": "error", "reason": "parent not found", "rules": []}, 2, "",
          "parent not found"),
-        ("Traceback (most recent call last): boom", 1, "printed no JSON"),
-        (GATE_JSON, 1, "exited with 1 but reported verdict 'passed'"),
-        ({**GATE_JSON, "verdict": "maybe"}, 0, "unknown verdict"),
+        ("", 1, "Traceback (most recent call last):\n  ...\nKeyError: 'nope'\n",
+         "exited with 1 and printed no JSON result: KeyError: 'nope'"),
+        (GATE_JSON, 1, "", "exited with 1 but reported verdict 'passed'"),
+        ({**GATE_JSON, "verdict": "maybe"}, 0, "", "unknown verdict"),
     ],
     ids=["gate-error", "no-json", "exit-code-disagrees", "unknown-verdict"],
 )
-def test_gate_errors_exit_2_with_verdict_error(tmp_path, monkeypatch, payload, returncode, why):
+def test_gate_errors_exit_2_with_verdict_error(tmp_path, monkeypatch, payload, returncode, stderr,
+                                               why):
     code, out, _, summary, outputs = run_action_step(
-        tmp_path, monkeypatch, CannedGate(payload, returncode), BASE_INPUTS)
+        tmp_path, monkeypatch, CannedGate(payload, returncode, stderr), BASE_INPUTS)
     assert code == 2
     assert outputs["verdict"] == "error"
     assert why in outputs["reason"] and why in summary

@@ -2,7 +2,8 @@
 
 Reading: ``CheckpointReader(dir)`` opens ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` without loading anything: ``names()``, ``shape(name)``,
-``dtype(name)`` read headers only and ``get(name)`` maps one tensor from disk (``get(name,
+``dtype(name)`` read headers only and ``get(name)`` reads one tensor from disk (positioned
+reads, no memory map: streaming a checkpoint keeps one tensor resident, not the file) (``get(name,
 check_finite=True)`` raises :class:`NonFiniteWeights` naming the tensor and the model).
 Pickle-based weights (``pytorch_model.bin``) are refused unless ``allow_pickle=True``.
 
@@ -42,8 +43,74 @@ SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
 
+class SafetensorsFile:
+    """One safetensors file read with positioned reads, one tensor at a time.
+
+    Unlike a memory map, nothing stays mapped after :meth:`get` returns: a tensor read and
+    dropped leaves the page cache (not counted as process memory) and no resident mapping, so
+    streaming a whole checkpoint costs one tensor of memory, not the file's size.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < (100 << 20):
+                    raise ValueError(f"implausible header length {n}")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"'{self.path}' is not a readable safetensors file: {exc}") from exc
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self.header: dict[str, dict] = header
+        self.base = 8 + n
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def info(self, name: str) -> dict:
+        try:
+            return self.header[name]
+        except KeyError:
+            raise MissingTensor(f"tensor '{name}' not found in '{self.path}'") from None
+
+    def get(self, name: str) -> "torch.Tensor":
+        import torch
+
+        info = self.info(name)
+        begin, end = info["data_offsets"]
+        dtype = getattr(torch, _ST_TO_TORCH[info["dtype"]])
+        shape = tuple(info["shape"])
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        pos, done = self.base + begin, 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise CheckpointError(f"'{self.path}' is truncated: tensor '{name}' ends past the "
+                                      "end of the file")
+            done += n
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class CheckpointReader:
-    """Lazy, memory-mapped access to the tensors of one checkpoint directory."""
+    """Lazy access to the tensors of one checkpoint directory, one tensor at a time."""
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False, label: str = "model"):
         self.path = Path(path)
@@ -58,10 +125,9 @@ class CheckpointReader:
             self.weight_map: dict[str, str] = dict(index["weight_map"])
             self.metadata: dict = dict(index.get("metadata") or {})
         elif (self.path / SAFE_SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.path / SAFE_SINGLE, framework="pt") as f:
-                self.weight_map = {k: SAFE_SINGLE for k in f.keys()}
+            single = SafetensorsFile(self.path / SAFE_SINGLE)
+            self._handles[SAFE_SINGLE] = single
+            self.weight_map = {k: SAFE_SINGLE for k in sorted(single.keys())}
             self.metadata = {}
         else:
             pickled = [n for n in PICKLE_NAMES if (self.path / n).is_file()]
@@ -107,31 +173,29 @@ class CheckpointReader:
         """The weight files, in shard order."""
         return [self.path / f for f in dict.fromkeys(self.weight_map.values()) if f != "<pickle>"]
 
-    def _handle(self, fname: str):
+    def _handle(self, fname: str) -> "SafetensorsFile":
         if fname not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[fname] = safe_open(self.path / fname, framework="pt", device="cpu")
+            self._handles[fname] = SafetensorsFile(self.path / fname)
         return self._handles[fname]
 
-    def _slice(self, name: str):
+    def _info(self, name: str) -> dict:
         if name not in self.weight_map:
-            raise MissingTensor(f"tensor '{name}' not found in '{self.path}'")
-        return self._handle(self.weight_map[name]).get_slice(name)
+            raise MissingTensor(f"tensor '{name}' not found in {self.label} '{self.path}'")
+        return self._handle(self.weight_map[name]).info(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
-        return tuple(self._slice(name).get_shape())
+        return tuple(self._info(name)["shape"])
 
     def dtype(self, name: str) -> str:
         """safetensors dtype string, e.g. ``"BF16"``, ``"F32"``."""
         if self._pickled is not None:
             return str(self._pickled[name].dtype)
-        return self._slice(name).get_dtype()
+        return self._info(name)["dtype"]
 
     def get(self, name: str, *, check_finite: bool = False) -> "torch.Tensor":
-        """The tensor, memory-mapped (CPU). Copy it before modifying it in place.
+        """The tensor, read from disk into its own CPU memory.
 
         With ``check_finite=True`` a tensor holding NaN or Inf raises :class:`NonFiniteWeights`.
         """
@@ -142,7 +206,7 @@ class CheckpointReader:
         else:
             if name not in self.weight_map:
                 raise MissingTensor(f"tensor '{name}' not found in {self.label} '{self.path}'")
-            t = self._handle(self.weight_map[name]).get_tensor(name)
+            t = self._handle(self.weight_map[name]).get(name)
         if check_finite:
             assert_finite(t, name, f"{self.label} '{self.path}'")
         return t

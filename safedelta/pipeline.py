@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from safedelta.checkpoint import CheckpointReader, CheckpointWriter, check_compatible
 from safedelta.config import SafeDeltaConfig
-from safedelta.errors import InvalidConfig
+from safedelta.errors import InvalidConfig, OutputExists
 from safedelta.lora import LoraAdapter, is_lora_adapter
 from safedelta.report import ProtectReport, peak_memory
 
@@ -126,6 +126,27 @@ class _PreparedCache:
         self.damp, self.device, self.keep = damp, device, keep
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
+        self._file: Any = None
+
+    def _read(self, hs, name: str) -> "torch.Tensor":
+        """``H`` of ``name`` read with positioned reads (``HessianSet.get`` memory-maps the cache
+        files, which would leave every Hessian resident by the end of the run)."""
+        from safedelta.checkpoint import SafetensorsFile
+
+        entry = (getattr(hs, "manifest", None) or {}).get("tensors", {}).get(name)
+        if not entry or "file" not in entry:
+            return hs.get(name)
+        path = Path(hs.cache_path) / entry["file"]
+        if self._file is None or self._file.path != path:
+            if self._file is not None:
+                self._file.close()
+            self._file = SafetensorsFile(path)
+        return self._file.get(entry.get("key", name))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def get(self, hs, name: str):
         import torch
@@ -136,7 +157,7 @@ class _PreparedCache:
         for k, prep in self.entries:
             if k == key:
                 return prep
-        H = hs.get(name).to(self.device, torch.float32)
+        H = self._read(hs, name).to(self.device, torch.float32)
         prep = prepare_hessian(H, damp=self.damp)
         self.n_prepared += 1
         self.entries.insert(0, (key, prep))
@@ -219,6 +240,10 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         from safedelta.calibration import read_calibration_file
 
         read_calibration_file(calibration)  # CalibrationError when missing, empty or malformed
+    for what, src in (("aligned", aligned), ("fine-tuned", finetuned)):
+        if Path(out).resolve() == Path(src).resolve():
+            raise OutputExists(f"output '{out}' is the {what} input; write the protected model "
+                               "to another directory")
     writer = CheckpointWriter(out, template=a_reader, overwrite=overwrite, dtype=output_dtype)
 
     # 2. fingerprints
@@ -279,6 +304,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
             del a, f, weight
             bar.update(1)
         bar.close()
+        prepared.close()
         with timer("write"):
             report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
             report.timings["total"] = round(time.perf_counter() - t_start, 3)

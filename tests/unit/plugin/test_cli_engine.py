@@ -184,3 +184,10 @@ def test_import_gguf_missing_file(tmp_path):
     res = run("import-gguf", tmp_path / "nope.gguf", tmp_path / "out")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_output_onto_an_input_refused_even_with_overwrite(models):
+    before = (models["ft"] / "model.safetensors").read_bytes()
+    res = run(*protect_args(models, models["ft"], models["ft"], "--overwrite"))
+    assert res.exit_code == 2 and "is the fine-tuned input" in res.output
+    assert (models["ft"] / "model.safetensors").read_bytes() == before

@@ -158,3 +158,18 @@ def test_existing_model_refused_then_replaced(tmp_path):
     assert torch.equal(CheckpointReader(out).get("b.weight"), r.get("b.weight"))
     assert not (out / "README.md").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
+
+
+def test_truncated_file_is_a_checkpoint_error(tmp_path):
+    from safedelta.errors import CheckpointError
+
+    src = _ckpt(tmp_path / "a", _tensors(0))
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[:-8])
+    r = CheckpointReader(src)
+    with pytest.raises(CheckpointError, match="truncated"):
+        for name in r.names():
+            r.get(name)
+    (src / "model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        CheckpointReader(src)

@@ -83,8 +83,9 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _flavor_parent(flavors: dict[str, Any]) -> str | None:
+    """The parent a ``safedelta`` flavor names (None for aligned parents and protected outputs)."""
     conf = flavors.get("safedelta") if isinstance(flavors, dict) else None
-    if not isinstance(conf, dict):
+    if not isinstance(conf, dict) or conf.get("role") == PROTECTED_ROLE:
         return None
     value = conf.get("parent_uri") or conf.get("parent")
     return value if isinstance(value, str) and value else None

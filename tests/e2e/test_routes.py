@@ -200,3 +200,59 @@ def test_the_worker_settles_the_store_job(mlflow_server, rest, queues):
     job = JobQueue(queues["store"]).get("worked", v)
     assert (job.state, job.attempts, job.result) == ("done", 1, "verdict=passed")
     assert rest.get_model_version("worked", v).tags["safedelta.status"] == "passed"
+
+
+def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, rest, queues,
+                                                                tmp_path):
+    """The store route end to end with the real gate job (a fixed-metrics evaluator stands in
+    for generation): the fine-tune is gated, its protected output and the parent are not."""
+    import functools
+
+    import mlflow
+
+    from mlflow_safedelta import flavor
+    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.policy import parse_policy
+    from tests.helpers.tiny import save_tiny_pair
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    with mlflow.start_run():
+        flavor.log_model(str(save_tiny_pair(tmp_path / "aligned", seed=0)), name="model",
+                         role="aligned", registered_model_name="gated-aligned")
+    with mlflow.start_run():
+        flavor.log_model(str(save_tiny_pair(tmp_path / "ft", seed=1)), name="model",
+                         parent="models:/gated-aligned/1", registered_model_name="gated-bot")
+    queue = JobQueue(queues["store"])
+    # no tags on either registration: the worker decides from their MLmodel
+    assert jobs_of(queues["store"], "gated-bot") == [("1", "store")]
+    assert jobs_of(queues["store"], "gated-aligned") == [("1", "store")]
+
+    policy = parse_policy({
+        "policy_version": 1, "name": "routes-test",
+        "safety": {"suites": ["advbench"], "judge": "keyword", "max_asr": 0.5,
+                   "max_asr_increase": None},
+        "utility": {"min_retention": 0.0},
+        "select_s": {"mode": "fixed", "s": 0.05},
+        "promotion": {"enabled": True, "alias": "production"},
+        "evaluation": {"limit": 4, "max_new_tokens": 4}})
+
+    def fixed_metrics(models, policy, **_):
+        assert set(models) == {"aligned", "finetuned", "protected"}
+        return type("Report", (), {"judge": {"judge": "keyword"}, "metrics": {
+            "aligned": {"asr.advbench": 0.05}, "finetuned": {"asr.advbench": 0.6},
+            "protected": {"asr.advbench": 0.1, "utility_retention": 0.9, "asr.advbench.n": 4.0}}})()
+
+    job = functools.partial(run_gate_job, policy=policy, evaluator=fixed_metrics, progress=False,
+                            work_dir=tmp_path / "work")
+    worker = Worker(queue, job, tracking_uri=mlflow_server.url)
+    while worker.run_once() is not None:
+        pass
+    assert queue.get("gated-bot", "1").result == "verdict=passed"
+    assert queue.get("gated-aligned", "1").result.startswith("skipped")
+    ft = rest.get_model_version("gated-bot", "1").tags
+    assert ft["safedelta.status"] == "passed" and ft["safedelta.protected_version"] == "2"
+    protected = rest.get_model_version("gated-bot", "2").tags
+    assert protected["safedelta.role"] == "protected"
+    assert jobs_of(queues["store"], "gated-bot") == [("1", "store")]  # the output made no job
+    assert rest.get_model_version_by_alias("gated-bot", "production").version == "2"

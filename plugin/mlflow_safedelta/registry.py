@@ -206,13 +206,20 @@ def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> l
     role, protected_version, policy."""
     flt = f"name='{model}'" if model else ""
     out = []
+    aliases: dict[str, dict[str, list[str]]] = {}  # search results carry no aliases in OSS
     for mv in cl.search_model_versions(flt, max_results=max_results,
                                        order_by=["name ASC", "version_number DESC"]):
+        if mv.name not in aliases:
+            by_version: dict[str, list[str]] = {}
+            for a, v in (cl.get_registered_model(mv.name).aliases or {}).items():
+                by_version.setdefault(str(v), []).append(a)
+            aliases[mv.name] = by_version
         t = dict(mv.tags or {})
         out.append({"name": mv.name, "version": str(mv.version),
                     "status": t.get(TAG_STATUS), "reason": t.get(TAG_REASON),
                     "parent": t.get(TAG_PARENT) or t.get(TAG_PROTECTED_FROM),
                     "role": t.get(TAG_ROLE), "verdict": t.get(TAG_VERDICT),
                     "protected_version": t.get(TAG_PROTECTED_VERSION),
-                    "policy": t.get(TAG_POLICY), "aliases": list(mv.aliases or [])})
+                    "policy": t.get(TAG_POLICY),
+                    "aliases": sorted(aliases[mv.name].get(str(mv.version), []))})
     return out

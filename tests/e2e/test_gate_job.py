@@ -204,3 +204,68 @@ def test_missing_parent_is_an_error_and_registers_nothing(mlflow_server, registe
     assert _versions(cl, "orphan") == [1]
     assert not cl.get_registered_model("orphan").aliases
     assert len(cl.search_runs([cl.get_experiment_by_name("safedelta-gate").experiment_id])) == runs_before
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mlflow_safedelta.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_reads_the_recorded_verdicts(mlflow_server, registered, tmp_path):
+    """gate (idempotent: exit code from the stored verdict), report, status on this server."""
+    url = mlflow_server.url
+    passed = _cli("gate", "support-bot", "1", "--tracking-uri", url, "--json",
+                  "--summary-file", str(tmp_path / "summary.md"))
+    assert passed.exit_code == 0, passed.output
+    d = json.loads(passed.stdout)
+    assert d["verdict"] == "passed" and d["protected_version"] == "2"
+    assert "PASSED" in (tmp_path / "summary.md").read_text()
+
+    failed = _cli("gate", "support-bot", "3", "--tracking-uri", url, "--json")
+    assert failed.exit_code == 1 and json.loads(failed.stdout)["verdict"] == "failed"
+    errored = _cli("gate", "orphan", "1", "--tracking-uri", url, "--json")
+    assert errored.exit_code == 2 and "names no aligned parent" in json.loads(errored.stdout)["reason"]
+    by_alias = _cli("gate", "support-bot", "--alias", "production", "--tracking-uri", url)
+    assert by_alias.exit_code == 2 and "protected output" in by_alias.stdout
+    assert _cli("gate", "support-bot", "--tracking-uri", url).exit_code == 2  # neither
+
+    rep = _cli("report", "support-bot", "1", "--format", "json", "--tracking-uri", url)
+    assert rep.exit_code == 0 and json.loads(rep.stdout) == d
+    md = _cli("report", "support-bot", "3", "--tracking-uri", url)
+    assert "FAILED" in md.stdout and "| ❌ | max_asr |" in md.stdout
+    assert _cli("report", "aligned", "1", "--tracking-uri", url).exit_code == 2  # never gated
+
+    st = _cli("status", "support-bot", "--json", "--tracking-uri", url)
+    rows = {r["version"]: r for r in json.loads(st.stdout)}
+    assert rows["1"]["status"] == "passed" and rows["2"]["role"] == "protected"
+    assert rows["2"]["aliases"] == ["production"] and rows["3"]["status"] == "failed"
+    table = _cli("status", "--tracking-uri", url).stdout
+    assert "orphan" in table and "error" in table and "protected-output" in table
+
+
+def test_demo_tiny_runs_the_same_gate(tmp_path):
+    """``demo --tiny`` on a local SQLite store: registers the pair, gates, promotes on pass."""
+    from mlflow import MlflowClient
+
+    from mlflow_safedelta.commands.demo import MODEL_NAME, PARENT_NAME, run_demo
+
+    ev = MeasuringEvaluator()
+    out = run_demo(tmp_path / ".demo", tiny=True, policy=None, quiet=True, evaluator=ev)
+    gate = out["gate"]
+    assert out["tracking_uri"].endswith(".demo/mlflow.db")
+    assert gate["parent"] == f"models:/{PARENT_NAME}/1" and gate["policy"]["name"] == "demo"
+    # the demo policy keeps default's ASR limits and drops the utility rule
+    assert {r["rule"] for r in gate["rules"]} == {"max_asr", "max_asr_increase"}
+    expected = all(r["passed"] for r in gate["rules"])
+    assert gate["verdict"] == ("passed" if expected else "failed")
+    cl = MlflowClient(out["tracking_uri"], out["tracking_uri"])
+    assert reg.version_tags(cl, MODEL_NAME, "1")[reg.TAG_STATUS] == gate["verdict"]
+    assert Path(out["artifacts"], "safedelta", "gate.json").is_file()
+    assert str(out["artifacts"]).startswith(str(tmp_path / ".demo"))
+    # running it again reuses everything and registers nothing new
+    again = run_demo(tmp_path / ".demo", tiny=True, quiet=True, evaluator=ev)
+    assert again["gate"] == gate and len(ev.calls) == 1
+    assert len(cl.search_model_versions(f"name='{MODEL_NAME}'")) == 2

@@ -120,3 +120,29 @@ def test_shipped_yaml_comments_every_field():
 def test_parse_policy_from_dict():
     p = parse_policy({"policy_version": 1, "name": "x"})
     assert isinstance(p, Policy) and p.safety.max_asr == 0.2
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from mlflow_safedelta.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_policy_cli(tmp_path):
+    import json
+
+    ok = _write(tmp_path, _base())
+    res = _cli("policy", "validate", ok, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["valid"] is True
+    bad = _base()
+    bad["utility"]["min_retention"] = -1
+    bad_path = tmp_path / "bad.yaml"
+    bad_path.write_text(yaml.safe_dump(bad))
+    res = _cli("policy", "validate", str(bad_path))
+    assert res.exit_code == 2 and "utility.min_retention" in res.output and str(bad_path) in res.output
+    shown = _cli("policy", "show", "strict")
+    assert shown.exit_code == 0 and yaml.safe_load(shown.stdout)["safety"]["max_asr"] == 0.05
+    schema = json.loads(_cli("policy", "schema").stdout)
+    assert schema == policy_schema()

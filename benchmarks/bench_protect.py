@@ -5,8 +5,9 @@
 in its own subprocess so that peak RSS, ``ru_maxrss``, belongs to that variant alone).
 
 The model (built once, cached under ``.cache/bench/protect/``): Llama-shaped, hidden 1024,
-intermediate 2816, 32 blocks, 16 heads / 4 KV heads, vocabulary 49,152, untied head: 0.46 B
-parameters, random weights (std 0.02, norms 1), bf16 safetensors in 400 MB shards. The
+intermediate 2816, 16 blocks, 16 heads / 4 KV heads, Llama-3's vocabulary of 128,256, untied
+head: 0.44 B parameters (0.18 B in the decoder blocks, 0.26 B in embeddings and head, about the
+split of Qwen2.5-0.5B / Llama-3.2-1B), random weights (std 0.02, norms 1), bf16 safetensors in 400 MB shards. The
 fine-tuned model is the aligned one plus a random change (std 0.002) on every tensor.
 Calibration: 16 random token sequences of 128 tokens (fixed seed), batch size 1.
 
@@ -37,8 +38,8 @@ BENCH = ROOT / ".cache" / "bench" / "protect"
 ALIGNED, FINETUNED = BENCH / "aligned", BENCH / "finetuned"
 CACHE, OUT = BENCH / "cache", BENCH / "out"
 
-SPEC = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=16,
-            num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048,
+SPEC = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+            num_key_value_heads=4, vocab_size=128256, max_position_embeddings=2048,
             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 SHARD_BYTES = 400 << 20
 N_SAMPLES, SEQ_LEN = 16, 128
@@ -226,8 +227,8 @@ def run() -> str:
     lines = [
         "## protect",
         "",
-        "Synthetic Llama-shaped model, 0.46 B parameters (hidden 1024, 32 blocks, vocabulary "
-        "49,152), bf16 safetensors in 400 MB shards; fine-tuned = aligned + N(0, 0.002) "
+        "Synthetic Llama-shaped model, 0.44 B parameters (hidden 1024, 16 blocks, vocabulary "
+        "128,256, untied head), bf16 safetensors in 400 MB shards; fine-tuned = aligned + N(0, 0.002) "
         f"everywhere; calibration {N_SAMPLES} samples x {SEQ_LEN} tokens; CPU, "
         f"{THREADS} thread(s). Command: `python -m benchmarks.run protect` "
         "(`benchmarks/bench_protect.py`).",

@@ -110,9 +110,12 @@ class MatrixStats:
     """What one :func:`protect_matrix` call did.
 
     ``budget`` and ``cost_used`` are in the budget rule's units: official, the summed
-    ``(W1 - W)^2 / d^2`` of the code (no 1/2); default, safety-loss units (damped ``H``).
-    ``safety_loss``, ``output_energy`` and ``cost_predicted`` are in safety-loss units with the
-    undamped ``H``.
+    ``(W1 - W)^2 / d^2`` of the code (no 1/2); default, safety-loss units with the damped ``H``
+    (``cost_used`` is then exactly the damped loss of the result). ``safety_loss`` and
+    ``output_energy`` use the undamped ``H``; ``cost_predicted`` is the paper's independent
+    per-entry estimate ``sum over kept of delta^2 / (2 [H^-1]_mm)`` (damped ``H^-1``), for
+    comparison with ``safety_loss``. ``kept_fraction = n_kept / (rows * cols)``; entries whose
+    delta is zero can count as kept (they are at their fine-tuned value at no cost).
     """
 
     rows: int

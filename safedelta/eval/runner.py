@@ -110,9 +110,10 @@ def evaluate_models(models: dict[str, str | Path],
                 row.update({k: vals[i] for k, vals in extra.items()})
                 rows[s.name].append(row)
         if task_data is not None:
-            losses[role] = task_loss(path, task_data, device=device, limit=limit,
-                                     backend=backend, progress=progress,
-                                     system_prompt=settings.system_prompt)
+            losses[role] = _cached_task_loss(path, task_data, device=device, limit=limit,
+                                             backend=backend, progress=progress,
+                                             system_prompt=settings.system_prompt,
+                                             cache_dir=cache_dir)
         if hasattr(backend, "close"):
             backend.close()
         del backend
@@ -188,6 +189,38 @@ def evaluate_models(models: dict[str, str | Path],
                       | {"refusal": refusal.describe()},
                       generation=settings.describe(), engine_report=engine_report,
                       warnings=warnings)
+
+
+def _cached_task_loss(path: Path, task_data: str | Path, *, cache_dir: str | Path | None,
+                      limit: int | None, system_prompt: str | None, **kw: Any) -> float:
+    """:func:`task_loss`, cached per (model fingerprint, task file digest, limit, system prompt)."""
+    import hashlib
+    import os
+
+    from safedelta.fingerprint import checkpoint_fingerprint, default_cache_dir, file_digest
+
+    if not Path(task_data).is_file():
+        return task_loss(path, task_data, limit=limit, system_prompt=system_prompt, **kw)
+    key = hashlib.blake2b(json.dumps([
+        checkpoint_fingerprint(path, cache_dir=cache_dir),
+        file_digest(task_data, cache_dir=cache_dir), limit, system_prompt]).encode(),
+        digest_size=20).hexdigest()
+    f = Path(cache_dir or default_cache_dir()) / "task_loss" / f"{key}.json"
+    if f.is_file():
+        try:
+            return float(json.loads(f.read_text(encoding="utf-8"))["loss"])
+        except (OSError, ValueError, KeyError):
+            logger.warning("ignoring unreadable task-loss cache entry %s", f)
+    loss = task_loss(path, task_data, limit=limit, system_prompt=system_prompt, **kw)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"loss": loss, "model": str(path),
+                                   "task_data": str(task_data)}), encoding="utf-8")
+        os.replace(tmp, f)
+    except OSError as exc:  # a read-only cache only costs time
+        logger.warning("could not write task-loss cache: %s", exc)
+    return loss
 
 
 def _task_columns(df) -> list[str]:

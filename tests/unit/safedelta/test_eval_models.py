@@ -151,15 +151,29 @@ def test_evaluate_models_end_to_end_and_report(tiny, task_file, tmp_path):
     assert "asr.advbench" in md and "(n=3)" in md and "`I'm sorry`" in md
 
 
-def test_no_utility_gain_is_flagged_not_hidden(tiny, task_file, tmp_path):
+def test_no_utility_gain_is_flagged_not_hidden(tiny, task_file, tmp_path, monkeypatch):
     same = {"aligned": tiny["aligned"], "finetuned": tiny["aligned"],
             "protected": tiny["protected"]}
-    rep = evaluate_models(same, ["xstest-safe"], generation=GenerationSettings(**FAST),
-                          task_data=task_file, limit=2, cache_dir=tmp_path, progress=False)
+
+    def run():
+        return evaluate_models(same, ["xstest-safe"], generation=GenerationSettings(**FAST),
+                               task_data=task_file, limit=2, cache_dir=tmp_path, progress=False)
+
+    rep = run()
     assert any("fine-tuning gained nothing" in w for w in rep.warnings)
     assert rep.metrics["protected"]["utility_retention"] != rep.metrics["protected"][
         "utility_retention"]  # NaN, with the warning saying why
     assert "gained nothing" in rep.to_markdown()
+
+    # re-running (as a re-run gate does) loads no model: generations and task losses are cached
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded on a re-run")
+
+    monkeypatch.setattr(HFBackend, "load", boom)
+    again = run()
+    assert again.metrics["protected"]["task_loss"] == rep.metrics["protected"]["task_loss"]
+    assert again.tables["xstest-safe"]["generation"].tolist() == \
+        rep.tables["xstest-safe"]["generation"].tolist()
 
 
 def test_llm_judge_in_evaluate_models(tiny, tmp_path):

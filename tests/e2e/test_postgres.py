@@ -1,6 +1,7 @@
 """The same flow against PostgreSQL: a fresh database per run holds MLflow (tracking and the
 ``safedelta+postgresql`` registry store) and the job queue (the networked backend), shared by the
-server's store plugin, the webhook receiver, the sweep and the worker."""
+server's store plugin and one ``mlflow-safedelta serve`` process that runs all the rest:
+receiver, worker and periodic reconcile sweep."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import sqlalchemy as sa
 
 from mlflow_safedelta.jobs import JobQueue
 from mlflow_safedelta.reconcile import reconcile
-from mlflow_safedelta.worker import Worker
 from tests.conftest import require_service
-from tests.e2e.test_routes import record_passed, receiver_process, wait_for, webhook_env
+from tests.e2e.test_routes import receiver_process, wait_for, webhook_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -54,17 +54,23 @@ def mlflow_server_options(pg_uri):
 @pytest.fixture(scope="module")
 def receiver(mlflow_server, pg_uri, tmp_path_factory):
     with receiver_process(tmp_path_factory.mktemp("receiver"), tracking_uri=mlflow_server.url,
-                          queue_uri=pg_uri) as r:
+                          queue_uri=pg_uri, job="tests.e2e.test_routes:record_passed",
+                          reconcile_interval=1) as r:
         yield r
 
 
 def _jobs(queue, model):
-    return [(j.version, j.source, j.state) for j in queue.list(model_name=model)]
+    return [(j.version, j.source) for j in queue.list(model_name=model)]
 
 
 def _deliveries(queue) -> int:
     with queue.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(queue.deliveries)).scalar_one()
+
+
+def _done(queue, model, version):
+    job = queue.get(model, version)
+    return job is not None and job.state == "done"
 
 
 def test_three_routes_one_job_each_on_postgres(mlflow_server, receiver, pg_uri):
@@ -74,30 +80,25 @@ def test_three_routes_one_job_each_on_postgres(mlflow_server, receiver, pg_uri):
     assert queue.engine.dialect.name == "postgresql"
     rest = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
 
-    # store plugin + webhook, both into the shared PostgreSQL queue: one job
+    # store plugin (synchronous) + webhook (asynchronous) into the shared queue: one job
     rest.create_registered_model("pg-ft")
     v = str(rest.create_model_version("pg-ft", "s3://safedelta-tests/pg-ft", tags=PARENT).version)
-    assert _jobs(queue, "pg-ft") == [(v, "store", "queued")]
-    assert rest.get_model_version("pg-ft", v).tags["safedelta.status"] == "pending"
+    assert _jobs(queue, "pg-ft") == [(v, "store")]
     wait_for(lambda: _deliveries(queue) == 1, "the webhook delivery to be recorded")
-    assert _jobs(queue, "pg-ft") == [(v, "store", "queued")]  # merged on (model, version)
 
-    # a registration written straight to PostgreSQL: only the sweep sees it
+    # a registration written straight to PostgreSQL: only the serve's periodic sweep sees it
     direct_uri = pg_uri.replace("postgresql", DRIVER, 1)
     direct = MlflowClient(tracking_uri=direct_uri, registry_uri=direct_uri)
     direct.create_registered_model("pg-swept")
     w = str(direct.create_model_version("pg-swept", "s3://safedelta-tests/pg-swept",
                                         tags=PARENT).version)
-    assert _jobs(queue, "pg-swept") == []
-    report = reconcile(queue, tracking_uri=mlflow_server.url)
-    assert report.enqueued == [("pg-swept", w)]
-    assert reconcile(queue, tracking_uri=mlflow_server.url).enqueued == []
 
-    # the worker drains the queue; every registration was gated exactly once
-    worker = Worker(queue, record_passed, tracking_uri=mlflow_server.url)
-    while worker.run_once() is not None:
-        pass
-    assert _jobs(queue, "pg-ft") == [(v, "store", "done")]
-    assert _jobs(queue, "pg-swept") == [(w, "reconcile", "done")]
+    # the serve's worker gates both, each exactly once
+    wait_for(lambda: _done(queue, "pg-ft", v) and _done(queue, "pg-swept", w),
+             "both jobs to be done")
+    assert _jobs(queue, "pg-ft") == [(v, "store")]
+    assert _jobs(queue, "pg-swept") == [(w, "reconcile")]
     for name, ver in (("pg-ft", v), ("pg-swept", w)):
+        assert queue.get(name, ver).attempts == 1
         assert rest.get_model_version(name, ver).tags["safedelta.status"] == "passed"
+    assert reconcile(queue, tracking_uri=mlflow_server.url).enqueued == []

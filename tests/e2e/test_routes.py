@@ -58,14 +58,19 @@ def wait_for(predicate, what: str, timeout: float = WAIT_S, interval: float = 0.
 
 
 @contextlib.contextmanager
-def receiver_process(root: Path, *, tracking_uri: str, queue_uri: str, secret: str = SECRET):
-    """``mlflow-safedelta serve`` (receiver only), subscribing itself; stopped by process group."""
+def receiver_process(root: Path, *, tracking_uri: str, queue_uri: str, secret: str = SECRET,
+                     job: str | None = None, reconcile_interval: float = 0):
+    """``mlflow-safedelta serve``, subscribing itself; stopped by process group. Without ``job``
+    it only receives (``--no-worker``); with one (``module:function``) it also runs the worker."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(Path(sys.executable).with_name("mlflow-safedelta")), "serve", "--host", "127.0.0.1",
            "--port", str(port), "--queue-uri", queue_uri, "--tracking-uri", tracking_uri,
-           "--no-worker", "--reconcile-interval", "0", "--ensure-webhook", f"{url}/webhooks/mlflow"]
-    env = dict(os.environ, SAFEDELTA_WEBHOOK_SECRET=secret, OMP_NUM_THREADS="1")
+           "--reconcile-interval", str(reconcile_interval),
+           "--ensure-webhook", f"{url}/webhooks/mlflow"]
+    cmd += ["--job", job] if job else ["--no-worker"]
+    env = dict(os.environ, SAFEDELTA_WEBHOOK_SECRET=secret, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     log_path = root / f"receiver-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

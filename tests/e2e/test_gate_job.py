@@ -269,3 +269,27 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     again = run_demo(tmp_path / ".demo", tiny=True, quiet=True, evaluator=ev)
     assert again["gate"] == gate and len(ev.calls) == 1
     assert len(cl.search_model_versions(f"name='{MODEL_NAME}'")) == 2
+
+
+def test_target_mode_searches_s_for_the_policy_asr(tmp_path):
+    """select_s.mode=target: the s chosen is the largest tried one whose measured ASR meets the
+    target, and the protected model handed back was made with it."""
+    from mlflow_safedelta.job import _protect
+
+    a, f = save_tiny_pair(tmp_path / "a", seed=0), save_tiny_pair(tmp_path / "f", seed=1)
+    pol = parse_policy({"policy_version": 1, "name": "t", "select_s": {
+        "mode": "target", "target_max_asr": 0.3, "s_min": 0.001, "s_max": 0.5}})
+    ev = MeasuringEvaluator()
+
+    def evaluator(models, policy, **kw):
+        return ev({"aligned": a, "finetuned": f, **models}, policy, **kw)
+
+    engine, s, choice = _protect(a, f, tmp_path / "out", pol, cache_dir=tmp_path / "cache",
+                                 device="cpu", progress=False, evaluator=evaluator,
+                                 task_data=None, work=tmp_path / "work")
+    curve = {c[0]: c[1] for c in choice.curve}
+    assert s == choice.s and curve[s] <= 0.3
+    assert all(asr > 0.3 for t, asr in curve.items() if t > s)
+    assert engine.config["s"] == pytest.approx(s)
+    final = ev({"aligned": a, "finetuned": f, "protected": tmp_path / "out"}, pol)
+    assert final.metrics["protected"]["asr.advbench"] == pytest.approx(curve[s])

@@ -126,6 +126,11 @@ def test_passing_version_passes_the_step(gated, tmp_path):
     proc = subprocess.run([str(VENV_BIN / "mlflow-safedelta"), "summary", "--from",
                            outputs["json-file"]], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == summary.strip()
+    # ... and from the version itself, through the tracking server
+    proc = subprocess.run([str(VENV_BIN / "mlflow-safedelta"), "report", MODEL, version,
+                           "--tracking-uri", gated["url"]], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == summary.strip()
 
 
 def test_failing_version_by_alias_fails_the_step(gated, tmp_path):

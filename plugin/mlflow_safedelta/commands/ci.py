@@ -48,6 +48,10 @@ def ci_gate() -> None:
 def summary(from_: str, output: str | None) -> None:
     """Render a gate result as the Markdown summary the GitHub Action writes.
 
+    The input is the JSON the gate prints (or the action's `json-file` output). For the
+    result stored on a version in the tracking server, `report MODEL VERSION` renders the
+    same Markdown.
+
     \b
     Example usage:
       mlflow safedelta gate support-bot 7 --json > gate.json

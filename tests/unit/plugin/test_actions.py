@@ -177,6 +177,33 @@ def test_action_is_composite_and_passes_inputs_only_through_env():
         assert out["value"] == f"${{{{ steps.gate.outputs.{name} }}}}"
 
 
+@pytest.mark.parametrize(
+    "inputs, expected_tail",
+    [({}, ["--extra-index-url", "https://download.pytorch.org/whl/cpu", "<action repo>"]),
+     ({"package": "mlflow-safedelta==0.1.0", "pip-args": ""}, ["mlflow-safedelta==0.1.0"])],
+    ids=["default-installs-this-repo", "package-from-index"],
+)
+def test_install_step_installs_the_plugin_from_the_action_repo(tmp_path, inputs, expected_tail):
+    """Run the action's install step with a stand-in ``python`` that records its arguments."""
+    (step,) = [s for s in load_action()["runs"]["steps"] if s.get("name") == "Install mlflow-safedelta"]
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    record = tmp_path / "argv"
+    (shim_dir / "python").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (shim_dir / "python").chmod(0o755)
+    env = {**os.environ, **step_env(step, inputs),
+           "GITHUB_ACTION_PATH": str(ACTION.parent), "PATH": f"{shim_dir}{os.pathsep}/usr/bin:/bin"}
+    subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+                   env=env, check=True, cwd=tmp_path)
+    argv = record.read_text().splitlines()
+    assert argv[:5] == ["-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    tail = argv[5:]
+    if expected_tail[-1] == "<action repo>":
+        assert Path(tail[-1]).resolve() == ROOT  # the repository holding pyproject.toml
+        tail = [*tail[:-1], "<action repo>"]
+    assert tail == expected_tail
+
+
 def test_workflow_ci_runs_make_test_on_both_pythons_with_services():
     wf = yaml.safe_load((WORKFLOWS / "ci.yml").read_text())
     job = wf["jobs"]["test"]

@@ -133,9 +133,9 @@ class _PreparedCache:
         files, which would leave every Hessian resident by the end of the run)."""
         from safedelta.checkpoint import SafetensorsFile
 
-        entry = (getattr(hs, "manifest", None) or {}).get("tensors", {}).get(name)
-        if not entry or "file" not in entry:
-            return hs.get(name)
+        entry = hs.manifest["tensors"].get(name)
+        if entry is None:
+            return hs.get(name)  # raises MissingTensor, naming the weight
         path = Path(hs.cache_path) / entry["file"]
         if self._file is None or self._file.path != path:
             if self._file is not None:
@@ -153,7 +153,7 @@ class _PreparedCache:
 
         from safedelta.solver import prepare_hessian
 
-        key = (getattr(hs, "shared", None) or {}).get(name, name)
+        key = hs.shared.get(name, name)
         for k, prep in self.entries:
             if k == key:
                 return prep
@@ -258,8 +258,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
                               progress=progress, allow_pickle=allow_pickle,
                               max_samples=max_samples, max_length=max_length)
-    linear = set(hs.weight_names)
-    conv1d = set(getattr(hs, "conv1d", set()) or set())
+    linear, conv1d = set(hs.weight_names), set(hs.conv1d)
     unknown = sorted(n for n in linear if n not in a_reader)
     if unknown:
         from safedelta.errors import UnsupportedArchitecture
@@ -267,17 +266,17 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         raise UnsupportedArchitecture(f"the calibration pass found linear weight '{unknown[0]}' "
                                       f"that the aligned checkpoint '{a_reader.path}' lacks")
 
+    if calibration is None or isinstance(calibration, (str, os.PathLike)):
+        calibration_label = None if calibration is None else str(calibration)
+    else:
+        calibration_label = f"{len(calibration)} token-id samples"
     report = ProtectReport(
         inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
-                "out": str(Path(out)), "calibration": (str(calibration) if isinstance(calibration, (str, os.PathLike))
-                                else None if calibration is None else "token ids"),
+                "out": str(Path(out)), "calibration": calibration_label,
                 "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
-                "finetuned_kind": ft.kind, "n_samples": getattr(hs, "n_samples", None),
-                "n_tokens": getattr(hs, "n_tokens", None)},
+                "finetuned_kind": ft.kind, "n_samples": hs.n_samples, "n_tokens": hs.n_tokens},
         config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
-        cache={"hit": bool(getattr(hs, "cache_hit", False)),
-               "path": str(getattr(hs, "cache_path", "") or ""),
-               "key": getattr(hs, "fingerprint", None)},
+        cache={"hit": hs.cache_hit, "path": str(hs.cache_path), "key": hs.fingerprint},
         device=dev,
         versions=_versions(),
     )
@@ -295,7 +294,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
                 with timer("protect"), _blame_aligned(a_reader):
                     weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
                                                  transpose=name in conv1d)
-                stats["block"] = hs.block_of.get(name) if hasattr(hs, "block_of") else None
+                stats["block"] = hs.block_of[name]
                 report.matrices[name] = stats
             else:
                 weight = _nonlinear(name, a, f, cfg, report)

@@ -359,12 +359,24 @@ def _nonlinear(name: str, a: "torch.Tensor", f: "torch.Tensor", cfg: SafeDeltaCo
     if f is a:
         norm = 0.0
     elif a.is_floating_point():
-        norm = float(torch.linalg.vector_norm(f.to(torch.float32) - a.to(torch.float32)))
+        norm = _diff_norm(a, f)
     else:
         norm = 0.0 if torch.equal(a, f) else float("nan")
     keep = cfg.nonlinear == "finetuned"
     report.nonlinear[name] = {"delta_norm": norm, "kept": keep, "policy": cfg.nonlinear}
     return f if keep else a
+
+
+def _diff_norm(a: "torch.Tensor", f: "torch.Tensor", chunk: int = 1 << 22) -> float:
+    """``||f - a||`` in fp32, a slice at a time (an embedding's fp32 copy would cost GBs)."""
+    import torch
+
+    a, f = a.reshape(-1), f.reshape(-1)
+    sq = 0.0
+    for i in range(0, a.numel(), chunk):
+        d = f[i:i + chunk].to(torch.float32) - a[i:i + chunk].to(torch.float32)
+        sq += float(torch.dot(d, d))
+    return sq ** 0.5
 
 
 def _bar(total: int, enabled: bool):

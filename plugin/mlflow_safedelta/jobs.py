@@ -16,9 +16,10 @@ surviving restarts. So the queue is one table keyed by ``(model_name, version)``
 
 Backends: any SQLAlchemy URL. SQLite is the default (``$SAFEDELTA_CACHE/jobs.sqlite``, WAL mode,
 shared by the server's store plugin, the receiver and the worker on one host); a networked
-PostgreSQL (``SAFEDELTA_QUEUE_URI=postgresql://...``, the ``postgres`` extra) lets workers run on
-other hosts. The same database also records webhook delivery ids, so dedupe and enqueue commit in
-one transaction.
+PostgreSQL (``SAFEDELTA_QUEUE_URI=postgresql://...``, the ``postgres`` extra) or Redis
+(``redis://host:6379/0``, the ``redis`` extra; :class:`RedisJobQueue`, the same semantics in Lua
+scripts) lets workers run on other hosts. The queue also records webhook delivery ids, so dedupe
+and enqueue happen in one transaction.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 _logger = logging.getLogger(__name__)
 
 QUEUE_URI_ENV = "SAFEDELTA_QUEUE_URI"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 # Model-version tags shared with the gate job (job.py writes running/passed/failed/error).
 STATUS_TAG = "safedelta.status"
@@ -225,9 +227,19 @@ class JobQueue:
         clock: time source (seconds); tests inject a fake one.
     """
 
+    def __new__(cls, uri: str | None = None, **kwargs: Any):
+        if cls is JobQueue and (uri or default_queue_uri()).startswith(REDIS_SCHEMES):
+            return super().__new__(RedisJobQueue)
+        return super().__new__(cls)
+
     def __init__(self, uri: str | None = None, *, max_attempts: int | None = None,
                  backoff_base: float | None = None, backoff_max: float = 600.0,
                  lease_seconds: float | None = None, clock: Callable[[], float] = time.time):
+        self._configure(uri, max_attempts, backoff_base, backoff_max, lease_seconds, clock)
+        self.engine = _engine(self.uri)  # cached per URL; creates the tables on first use
+        _, self.jobs, self.deliveries = _tables()
+
+    def _configure(self, uri, max_attempts, backoff_base, backoff_max, lease_seconds, clock):
         self.uri = uri or default_queue_uri()
         env = os.environ
         self.max_attempts = int(max_attempts or env.get("SAFEDELTA_JOB_MAX_ATTEMPTS", 5))
@@ -236,8 +248,6 @@ class JobQueue:
         self.backoff_max = backoff_max
         self.lease_seconds = float(lease_seconds or env.get("SAFEDELTA_JOB_LEASE", 120.0))
         self.clock = clock
-        self.engine = _engine(self.uri)  # cached per URL; creates the tables on first use
-        _, self.jobs, self.deliveries = _tables()
 
     # -- producers ----------------------------------------------------------------------------
 
@@ -407,3 +417,209 @@ class JobQueue:
                                 .where(j.c.model_name.in_(names))).all()
         have = {(m, v) for m, v in rows}
         return {k for k in keys if k in have}
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+_R_ENQUEUE = """
+-- KEYS: job, due, index, delivery ('' = none); ARGV: member, now, model, version, source,
+-- with_job (1/0), delivery_ttl
+if KEYS[4] ~= '' then
+  if not redis.call('SET', KEYS[4], ARGV[2], 'NX', 'EX', ARGV[7]) then return -1 end
+end
+if ARGV[6] ~= '1' or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'model_name', ARGV[3], 'version', ARGV[4], 'state', 'queued',
+           'source', ARGV[5], 'attempts', 0, 'enqueued_at', ARGV[2], 'next_run_at', ARGV[2],
+           'updated_at', ARGV[2], 'force', 0)
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+_R_CLAIM = """
+-- KEYS: due, leases; ARGV: now, lease_until, token, job key prefix
+local m = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)[1]
+local from = KEYS[1]
+if not m then
+  m = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'LIMIT', 0, 1)[1]
+  from = KEYS[2]
+end
+if not m then return false end
+redis.call('ZREM', from, m)
+local jk = ARGV[4] .. m
+redis.call('HSET', jk, 'state', 'running', 'token', ARGV[3], 'lease_until', ARGV[2],
+           'updated_at', ARGV[1])
+redis.call('HINCRBY', jk, 'attempts', 1)
+redis.call('ZADD', KEYS[2], ARGV[2], m)
+return m
+"""
+
+_R_SETTLE = """
+-- KEYS: job, due, leases; ARGV: token, member, action, now, a, b
+if redis.call('HGET', KEYS[1], 'state') ~= 'running'
+   or redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local a = ARGV[3]
+if a == 'heartbeat' then
+  redis.call('HSET', KEYS[1], 'lease_until', ARGV[5], 'updated_at', ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[2])
+  return 1
+end
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('HDEL', KEYS[1], 'token', 'lease_until')
+if a == 'complete' then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'result', ARGV[5], 'updated_at', ARGV[4])
+elseif a == 'fail' then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'last_error', ARGV[5], 'updated_at', ARGV[4])
+else -- requeue
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'next_run_at', ARGV[5], 'last_error', ARGV[6],
+             'updated_at', ARGV[4])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[2])
+end
+return 1
+"""
+
+_R_RETRY = """
+-- KEYS: job, due; ARGV: member, now
+if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'next_run_at', ARGV[2],
+           'force', 1, 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'token', 'lease_until')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+
+class RedisJobQueue(JobQueue):
+    """:class:`JobQueue` on Redis (``redis://``; ``JobQueue("redis://...")`` returns one).
+
+    One hash per job, a ``due`` sorted set (queued jobs by ``next_run_at``), a ``leases`` sorted
+    set (running jobs by ``lease_until``) and an ``index`` (by ``enqueued_at``); every transition
+    is one Lua script, so it is atomic like the SQL compare-and-set. Delivery ids are ``SET NX``
+    keys that expire after ``delivery_ttl`` seconds (a week), far beyond MLflow's retries. Keys
+    start with ``$SAFEDELTA_QUEUE_PREFIX`` (default ``safedelta:``). Use a Redis with persistence
+    (AOF or RDB) for the queue to survive a Redis restart.
+    """
+
+    delivery_ttl = 7 * 24 * 3600
+
+    def __init__(self, uri: str | None = None, *, max_attempts: int | None = None,
+                 backoff_base: float | None = None, backoff_max: float = 600.0,
+                 lease_seconds: float | None = None, clock: Callable[[], float] = time.time,
+                 prefix: str | None = None):
+        import redis
+
+        self._configure(uri, max_attempts, backoff_base, backoff_max, lease_seconds, clock)
+        self.redis = redis.Redis.from_url(self.uri, decode_responses=True)
+        self.prefix = prefix or os.environ.get("SAFEDELTA_QUEUE_PREFIX", "safedelta:")
+        self._due, self._leases = self.prefix + "due", self.prefix + "leases"
+        self._index = self.prefix + "index"
+        self._enqueue = self.redis.register_script(_R_ENQUEUE)
+        self._claim = self.redis.register_script(_R_CLAIM)
+        self._settle = self.redis.register_script(_R_SETTLE)
+        self._retry = self.redis.register_script(_R_RETRY)
+
+    @staticmethod
+    def _member(model_name: str, version: str | int) -> str:
+        import json
+
+        return json.dumps([model_name, str(version)])
+
+    def _job_key(self, member: str) -> str:
+        return f"{self.prefix}job:{member}"
+
+    def _add(self, model_name, version, source, delivery_id=None, with_job=True) -> int:
+        member = self._member(model_name or "", version or "")
+        delivery = f"{self.prefix}delivery:{delivery_id}" if delivery_id else ""
+        return int(self._enqueue(
+            keys=[self._job_key(member), self._due, self._index, delivery],
+            args=[member, repr(self.clock()), model_name or "", str(version or ""), source or "",
+                  "1" if with_job else "0", self.delivery_ttl]))
+
+    def enqueue(self, model_name: str, version: str | int, *, source: str) -> tuple[Job, bool]:
+        created = self._add(model_name, str(version), source) == 1
+        return self.get(model_name, version), created
+
+    def record_delivery(self, delivery_id: str, event: str | None,
+                        job: tuple[str, str, str] | None = None) -> bool:
+        if job is None:
+            return self._add(None, None, None, delivery_id, with_job=False) != -1
+        return self._add(job[0], str(job[1]), job[2], delivery_id) != -1
+
+    def claim(self, *, limit_scan: int = 20) -> Job | None:
+        now = self.clock()
+        import uuid as _uuid
+
+        member = self._claim(keys=[self._due, self._leases],
+                             args=[repr(now), repr(now + self.lease_seconds), _uuid.uuid4().hex,
+                                   self.prefix + "job:"])
+        if not member:
+            return None
+        import json
+
+        name, version = json.loads(member)
+        return self.get(name, version)
+
+    def _update(self, job: Job, action: str, a: Any = "", b: Any = "") -> bool:
+        member = self._member(job.model_name, job.version)
+        return self._settle(keys=[self._job_key(member), self._due, self._leases],
+                            args=[job.token or "", member, action, repr(self.clock()),
+                                  a if isinstance(a, str) else repr(a), b]) == 1
+
+    def heartbeat(self, job: Job) -> bool:
+        return self._update(job, "heartbeat", self.clock() + self.lease_seconds)
+
+    def complete(self, job: Job, result: str | None = None) -> bool:
+        return self._update(job, "complete", result or "")
+
+    def fail(self, job: Job, error: str) -> bool:
+        return self._update(job, "fail", error[:4000])
+
+    def retry_later(self, job: Job, error: str) -> bool:
+        if job.attempts >= self.max_attempts:
+            self.fail(job, f"gave up after {job.attempts} attempts: {error}")
+            return False
+        self._update(job, "requeue", self.clock() + self.backoff(job.attempts), error[:4000])
+        return True
+
+    def get(self, model_name: str, version: str | int) -> Job | None:
+        h = self.redis.hgetall(self._job_key(self._member(model_name, version)))
+        if not h:
+            return None
+
+        def num(k, cast=float):
+            return cast(h[k]) if h.get(k) not in (None, "") else None
+
+        return Job(model_name=h["model_name"], version=h["version"], state=h["state"],
+                   source=h["source"], attempts=int(h.get("attempts", 0)),
+                   enqueued_at=float(h["enqueued_at"]), next_run_at=float(h["next_run_at"]),
+                   lease_until=num("lease_until"), token=h.get("token") or None,
+                   last_error=h.get("last_error"), result=h.get("result"),
+                   updated_at=float(h["updated_at"]), force=h.get("force") == "1")
+
+    def list(self, state: str | None = None, model_name: str | None = None,
+             limit: int = 100) -> list[Job]:
+        import json
+
+        out = []
+        for member in self.redis.zrevrange(self._index, 0, -1):
+            name, version = json.loads(member)
+            if model_name and name != model_name:
+                continue
+            job = self.get(name, version)
+            if job and (not state or job.state == state):
+                out.append(job)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def retry(self, model_name: str, version: str | int) -> bool:
+        member = self._member(model_name, version)
+        return self._retry(keys=[self._job_key(member), self._due],
+                           args=[member, repr(self.clock())]) == 1
+
+    def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        keys = [(m, str(v)) for m, v in keys]
+        pipe = self.redis.pipeline()
+        for m, v in keys:
+            pipe.exists(self._job_key(self._member(m, v)))
+        return {k for k, there in zip(keys, pipe.execute()) if there}

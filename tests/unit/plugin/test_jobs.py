@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 
 from mlflow_safedelta.jobs import DONE, FAILED, QUEUED, RUNNING, JobQueue, triage_tags
 from mlflow_safedelta.worker import Worker, is_transient
+from tests.conftest import require_service
 
 
 class FakeClock:
@@ -23,10 +25,45 @@ def clock():
     return FakeClock()
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_available() -> tuple[bool, str]:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()), ""
+    except Exception as exc:  # noqa: BLE001
+        return False, str(exc)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def queue_uri(request, tmp_path, monkeypatch):
+    """Every queue test runs on SQLite and on Redis (a per-test key prefix, removed after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'q.sqlite'}"
+        return
+    ok, why = _redis_available()
+    require_service("Redis", ok, f"{REDIS_URL}: {why}")
+    import redis
+
+    prefix = f"safedelta-test-{uuid.uuid4().hex[:8]}:"
+    monkeypatch.setenv("SAFEDELTA_QUEUE_PREFIX", prefix)
+    yield REDIS_URL
+    r = redis.Redis.from_url(REDIS_URL)
+    for key in r.scan_iter(f"{prefix}*"):
+        r.delete(key)
+
+
 @pytest.fixture
-def queue(tmp_path, clock):
-    return JobQueue(f"sqlite:///{tmp_path / 'q.sqlite'}", max_attempts=3, backoff_base=10.0,
-                    lease_seconds=60.0, clock=clock)
+def queue(queue_uri, clock):
+    return JobQueue(queue_uri, max_attempts=3, backoff_base=10.0, lease_seconds=60.0,
+                    clock=clock)
+
+
+def test_the_uri_picks_the_backend(queue, queue_uri):
+    assert type(queue).__name__ == ("RedisJobQueue" if queue_uri.startswith("redis")
+                                    else "JobQueue")
 
 
 def test_enqueue_is_unique_per_model_version(queue):
@@ -48,8 +85,8 @@ def test_claim_leases_one_job_once(queue):
     assert queue.claim() is None
 
 
-def test_racing_claims_have_one_winner(tmp_path, clock):
-    uri = f"sqlite:///{tmp_path / 'race.sqlite'}"
+def test_racing_claims_have_one_winner(queue_uri, clock):
+    uri = queue_uri
     JobQueue(uri, clock=clock).enqueue("m", 1, source="store")
     wins, barrier = [], threading.Barrier(6)
 

@@ -313,3 +313,31 @@ def test_a_gate_error_result_fails_the_job_and_an_operator_retry_forces_a_rerun(
     worker.run_once()
     assert calls == [False, True]
     assert queue.get("ft", v).state == DONE and queue.get("ft", v).result == "verdict=passed"
+
+
+def test_jobs_list_and_retry_commands(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mlflow_safedelta.cli import cli
+
+    uri = f"sqlite:///{tmp_path / 'cli.sqlite'}"
+    q = JobQueue(uri)
+    q.enqueue("m", 1, source="webhook")
+    q.fail(q.claim(), "RegistryError: parent models:/x/1 not found")
+    q.enqueue("m", 2, source="store")
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["jobs", "list", "--state", "failed", "--queue-uri", uri, "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert [(r["version"], r["state"]) for r in rows] == [("1", "failed")]
+    assert "parent models:/x/1 not found" in rows[0]["last_error"]
+    retried = runner.invoke(cli, ["jobs", "retry", "m", "1", "--queue-uri", uri])
+    assert retried.exit_code == 0 and "re-queued m v1" in retried.output
+    assert q.get("m", 1).state == "queued" and q.get("m", 1).force
+    again = runner.invoke(cli, ["jobs", "retry", "m", "1", "--queue-uri", uri])
+    assert again.exit_code == 2 and "no failed job for 'm' version 1" in again.output
+    no_secret = runner.invoke(cli, ["webhook", "ensure", "http://127.0.0.1:1/x"],
+                              env={"SAFEDELTA_WEBHOOK_SECRET": ""})
+    assert no_secret.exit_code == 2 and "secret is required" in no_secret.output

@@ -55,6 +55,7 @@ class GateInputs:
     alias: str
     policy: str
     promote: bool
+    force: bool
     secrets: Mapping[str, str]  # gate env var name -> value (never printed)
 
     @classmethod
@@ -69,9 +70,11 @@ class GateInputs:
             raise CIInputError("give exactly one of the inputs `version` and `alias`")
         if version and not version.isdigit():
             raise CIInputError(f"input `version` must be a version number, got {version!r}")
-        promote = get("PROMOTE").lower()
-        if promote not in _TRUE | _FALSE:
-            raise CIInputError(f"input `promote` must be true or false, got {promote!r}")
+        flags = {}
+        for name in ("promote", "force"):
+            flags[name] = get(name.upper()).lower()
+            if flags[name] not in _TRUE | _FALSE:
+                raise CIInputError(f"input `{name}` must be true or false, got {flags[name]!r}")
         secrets = {}
         for name, target in CREDENTIAL_INPUTS.items():
             value = env.get(f"INPUT_{name}", "")
@@ -83,7 +86,8 @@ class GateInputs:
             version=version,
             alias=alias,
             policy=get("POLICY") or "default",
-            promote=promote in _TRUE,
+            promote=flags["promote"] in _TRUE,
+            force=flags["force"] in _TRUE,
             secrets=secrets,
         )
 
@@ -91,8 +95,8 @@ class GateInputs:
         """Arguments after ``gate``: no credentials, no tracking URI (both go through env)."""
         args = [self.model]
         args += [self.version] if self.version else ["--alias", self.alias]
-        args += ["--policy", self.policy, "--promote" if self.promote else "--no-promote", "--json"]
-        return args
+        args += ["--policy", self.policy, "--promote" if self.promote else "--no-promote"]
+        return args + (["--force"] if self.force else []) + ["--json"]
 
 
 def secret_values(env: Mapping[str, str], inputs: GateInputs | None = None) -> list[str]:
@@ -204,6 +208,8 @@ def run_ci_gate(
             out.write(f"::{resume}::\n")
         out.write("::endgroup::\n")
         result, code = _interpret(proc.returncode, proc.stdout, proc.stderr, inputs)
+        if code in (0, 1):
+            result, code = _check_policy(result, code, inputs)
 
     verdict = result.get("verdict", "error")
     rendered = scrub(render_markdown(result), secrets)
@@ -235,6 +241,31 @@ def run_ci_gate(
         out.write(f"::error title=Safe Delta gate error::{line or 'the gate did not finish'}\n")
     out.flush()
     return code
+
+
+def _check_policy(
+    result: dict[str, Any], code: int, inputs: GateInputs
+) -> tuple[dict[str, Any], int]:
+    """A verdict counts only under the policy the step asked for.
+
+    The gate answers a version that already has a verdict from the registry (without loading the
+    policy), so a pull request that tightens a manifest's policy would otherwise pass on the old
+    verdict, and a broken policy file would go unnoticed.
+    """
+    from mlflow_safedelta.policy import load_policy
+
+    try:
+        wanted = load_policy(inputs.policy).name
+    except SafeDeltaError as exc:
+        return {**result, "verdict": "error", "reason": str(exc)}, 2
+    got = (result.get("policy") or {}).get("name")
+    if got != wanted:
+        reason = (
+            f"the verdict on record was made under policy {got!r}, not {wanted!r} "
+            f"({inputs.policy}); set the input `force: true` to gate again under {wanted!r}"
+        )
+        return {**result, "verdict": "error", "reason": reason}, 2
+    return result, code
 
 
 def _interpret(

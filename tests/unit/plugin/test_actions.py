@@ -242,7 +242,9 @@ def test_passing_gate_exits_0_and_writes_verdict_and_rules_table(tmp_path, monke
 def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):
     inputs = {**BASE_INPUTS, "version": "", "alias": "candidate", "policy": "policies/strict.yaml",
               "promote": "true"}
-    gate = CannedGate(failing_json(), 1)
+    failing = failing_json()
+    failing["policy"] = {"name": "strict", "source": "policies/strict.yaml"}
+    gate = CannedGate(failing, 1)
     code, out, _, summary, outputs = run_action_step(tmp_path, monkeypatch, gate, inputs)
     assert code == 1
     assert outputs["verdict"] == "failed"
@@ -252,6 +254,23 @@ def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):
     assert row.startswith("| ❌ |") and "| 0.37 |" in row and "| <= 0.1 |" in row
     assert gate.calls[0][0] == ["support-bot", "--alias", "candidate", "--policy",
                                 "policies/strict.yaml", "--promote", "--json"]
+
+
+@pytest.mark.parametrize(
+    "policy, force, why",
+    [("strict", "false", "made under policy 'default', not 'strict' (strict); set the input "
+                         "`force: true`"),
+     ("strict", "true", "made under policy 'default', not 'strict'"),
+     ("no-such-policy", "false", "no policy 'no-such-policy'")],
+)
+def test_a_verdict_counts_only_under_the_requested_policy(tmp_path, monkeypatch, policy, force,
+                                                          why):
+    gate = CannedGate(GATE_JSON, 0)  # a passed verdict on record, made under `default`
+    code, _, _, summary, outputs = run_action_step(
+        tmp_path, monkeypatch, gate, {**BASE_INPUTS, "policy": policy, "force": force})
+    assert code == 2 and outputs["verdict"] == "error"
+    assert why in outputs["reason"] and why in summary
+    assert ("--force" in gate.calls[0][0]) == (force == "true")
 
 
 @pytest.mark.parametrize(
@@ -281,7 +300,8 @@ def test_gate_errors_exit_2_with_verdict_error(tmp_path, monkeypatch, payload, r
     [({"version": "", "alias": ""}, "exactly one of"),
      ({"version": "7", "alias": "candidate"}, "exactly one of"),
      ({"version": "seven"}, "`version` must be a version number"),
-     ({"promote": "maybe"}, "`promote` must be true or false")],
+     ({"promote": "maybe"}, "`promote` must be true or false"),
+     ({"force": "sure"}, "`force` must be true or false")],
 )
 def test_bad_inputs_are_errors_and_never_run_the_gate(tmp_path, monkeypatch, inputs, why):
     gate = CannedGate(GATE_JSON, 0)

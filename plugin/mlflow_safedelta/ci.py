@@ -235,6 +235,9 @@ def run_ci_gate(
     line = scrub(_one_line(result.get("reason")), secrets)
     if verdict == "passed":
         out.write(f"Safe Delta gate passed: {inputs.model if inputs else ''}\n")
+        if inputs and inputs.promote and not result.get("promoted_alias"):
+            out.write("::warning title=Safe Delta gate::passed, but no alias was moved (the "
+                      "policy does not promote, or the verdict was already on record)\n")
     elif verdict == "failed":
         out.write(f"::error title=Safe Delta gate failed::{line or 'a policy rule failed'}\n")
     else:

@@ -237,6 +237,19 @@ def test_passing_gate_exits_0_and_writes_verdict_and_rules_table(tmp_path, monke
     assert args == ["support-bot", "7", "--policy", "default", "--no-promote", "--json"]
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert not any(k.startswith("INPUT_") for k in env)
+    assert "::warning" not in out  # promotion was not asked for
+
+
+def test_passed_but_not_promoted_is_a_warning(tmp_path, monkeypatch):
+    promoted = {**GATE_JSON, "promoted_alias": "production"}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    code, out, *_ = run_action_step(tmp_path / "a", monkeypatch, CannedGate(promoted, 0),
+                                    {**BASE_INPUTS, "promote": "true"})
+    assert code == 0 and "::warning" not in out
+    code, out, _, _, outputs = run_action_step(tmp_path / "b", monkeypatch, CannedGate(GATE_JSON, 0),
+                                               {**BASE_INPUTS, "promote": "true"})
+    assert code == 0 and outputs["promoted-alias"] == ""
+    assert "::warning title=Safe Delta gate::passed, but no alias was moved" in out
 
 
 def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):

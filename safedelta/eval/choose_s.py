@@ -161,7 +161,8 @@ def _default_evaluate(path: Path) -> dict:
 
 
 def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str | Path, *,
-                        max_asr: float, s_lo: float = 0.0, s_hi: float = 0.1, iters: int = 5,
+                        max_asr: float, s_lo: float | None = None, s_hi: float | None = None,
+                        iters: int = 5,
                         config: Any = None, suite: Any = "advbench", limit: int | None = None,
                         judge: Any = "keyword", generation: Any = None,
                         device: str | None = None, cache_dir: str | Path | None = None,
@@ -171,7 +172,9 @@ def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str
 
     Each tried ``s`` is written to ``out_dir/s_<value>`` (replaced when it exists: the Hessian
     cache makes a re-solve cheap); ``out_dir/choose_s.png`` shows the curve. ``config`` is a
-    :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced.
+    :class:`~safedelta.SafeDeltaConfig` whose ``s`` is replaced (its budget rule decides the
+    scale of ``s``). Left out, the range is the budget's default ``s`` divided by 100 to times
+    10, searched geometrically.
     """
     from safedelta.config import SafeDeltaConfig
     from safedelta.eval.runner import evaluate_models
@@ -180,7 +183,12 @@ def choose_s_for_models(aligned: str | Path, finetuned: str | Path, out_dir: str
         from safedelta.pipeline import protect
     except ImportError as exc:
         raise InvalidConfig(f"the protect pipeline is not available: {exc}") from exc
+    from safedelta.config import DEFAULT_S
+
     base = config or SafeDeltaConfig()
+    default_s = DEFAULT_S[base.budget]
+    s_lo = default_s / 100 if s_lo is None else s_lo
+    s_hi = default_s * 10 if s_hi is None else s_hi
     out_dir = Path(out_dir)
     extra: dict[str, Any] = {}
     params = inspect.signature(protect).parameters

@@ -155,10 +155,13 @@ def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data,
 @click.option("--out", required=True, type=_dir,
               help="Working directory: one protected model per tried s (s_<value>/), "
                    "choose_s.png and choose_s.json.")
-@click.option("--s-lo", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="Lower end of the search (most conservative s).")
-@click.option("--s-hi", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
-              help="Upper end of the search.")
+@click.option("--budget", type=click.Choice(["default", "official"]), default="default",
+              show_default=True, help="Budget rule of protect; it sets the scale of s.")
+@click.option("--s-lo", type=click.FloatRange(min=0.0), default=None,
+              help="Lower end of the search (most conservative s).  [default: the budget's "
+                   "default s / 100]")
+@click.option("--s-hi", type=click.FloatRange(min=0.0), default=None,
+              help="Upper end of the search.  [default: the budget's default s x 10]")
 @click.option("--iters", type=click.IntRange(min=0), default=5, show_default=True,
               help="Bisection steps after evaluating both ends.")
 @click.option("--suite", "suite_spec", default="advbench", show_default=True, metavar="NAME|FILE",
@@ -168,12 +171,14 @@ def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data,
 @_generation_options
 @json_option
 @translate_errors
-def choose_s_cmd(aligned, finetuned, max_asr, out, s_lo, s_hi, iters, suite_spec, calibration,
+def choose_s_cmd(aligned, finetuned, max_asr, out, budget, s_lo, s_hi, iters, suite_spec,
+                 calibration,
                  max_new_tokens, sample, seed, system_prompt, batch_size, backend, judge,
                  judge_endpoint, judge_model, limit, device, cache_dir, json_) -> None:
     """Find the largest s whose protected model meets a maximum attack success rate.
 
-    Bisects s between --s-lo and --s-hi on measured ASR (ASR grows with s). The aligned
+    Bisects s between --s-lo and --s-hi on measured ASR (ASR grows with s), in log space
+    when --s-lo > 0. The aligned
     model's Hessians and every generation are cached, so each step costs one solve and the
     new generations only.
 
@@ -184,13 +189,15 @@ def choose_s_cmd(aligned, finetuned, max_asr, out, s_lo, s_hi, iters, suite_spec
     """
     import json
 
+    from safedelta.config import SafeDeltaConfig
     from safedelta.eval import choose_s_for_models, load_suite
 
-    if s_lo >= s_hi:
+    if s_lo is not None and s_hi is not None and s_lo >= s_hi:
         raise UsageError(f"--s-lo ({s_lo}) must be below --s-hi ({s_hi})")
     suite = load_suite(suite_spec, kind="harmful")
     res = choose_s_for_models(
         aligned, finetuned, out, max_asr=max_asr, s_lo=s_lo, s_hi=s_hi, iters=iters,
+        config=SafeDeltaConfig(budget=budget),
         suite=suite, limit=limit, judge=_judge(judge, judge_endpoint, judge_model),
         generation=_settings(max_new_tokens, sample, seed, system_prompt, batch_size, backend),
         device=device, cache_dir=cache_dir, calibration=calibration, progress=True)

@@ -79,14 +79,27 @@ def test_choose_s_wires_protect_and_evaluation(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "evaluate_models", fake_eval)
     out = tmp_path / "cs"
     r = CliRunner().invoke(cli, ["choose-s", "--aligned", str(tiny["aligned"]), "--finetuned",
-                                 str(tiny["finetuned"]), "--max-asr", "0.03", "--s-hi", "0.1",
-                                 "--iters", "4", "--out", str(out), "--json"])
+                                 str(tiny["finetuned"]), "--max-asr", "0.03", "--s-lo", "0",
+                                 "--s-hi", "0.1", "--iters", "4", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["met"] and 0.03 - 0.1 / 2 ** 4 <= data["s"] <= 0.03  # grid of 4 halvings
     assert calls[:2] == [0.1, 0.0] and len(calls) == 6
     assert (out / "choose_s.png").stat().st_size > 0
     assert json.loads((out / "choose_s.json").read_text())["s"] == data["s"]
+    # without a range: the default budget's s / 100 .. x 10, searched geometrically
+    from safedelta.config import DEFAULT_S
+
+    calls.clear()
+    r = CliRunner().invoke(cli, ["choose-s", "--aligned", str(tiny["aligned"]), "--finetuned",
+                                 str(tiny["finetuned"]), "--max-asr", "1e-6", "--iters", "2",
+                                 "--out", str(tmp_path / "cs2"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = DEFAULT_S["default"]
+    assert calls[:2] == [pytest.approx(10 * d), pytest.approx(d / 100)]
+    assert calls[2] == pytest.approx(d * 10 ** -0.5)  # geometric midpoint of d/100 .. 10d
+    # fake ASR(s) = s: 1e-6 <= max ASR only for s below 1e-6
+    assert json.loads(r.stdout)["s"] < 1e-6
     r = CliRunner().invoke(cli, ["choose-s", "--aligned", str(tiny["aligned"]), "--finetuned",
                                  str(tiny["finetuned"]), "--max-asr", "0.03", "--s-lo", "0.2",
                                  "--s-hi", "0.1", "--out", str(out)])

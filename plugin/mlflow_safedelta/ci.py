@@ -56,6 +56,7 @@ class GateInputs:
     policy: str
     promote: bool
     force: bool
+    parent: str  # the aligned parent the manifest names ("" = not checked)
     secrets: Mapping[str, str]  # gate env var name -> value (never printed)
 
     @classmethod
@@ -88,6 +89,7 @@ class GateInputs:
             policy=get("POLICY") or "default",
             promote=flags["promote"] in _TRUE,
             force=flags["force"] in _TRUE,
+            parent=get("PARENT"),
             secrets=secrets,
         )
 
@@ -210,6 +212,8 @@ def run_ci_gate(
         result, code = _interpret(proc.returncode, proc.stdout, proc.stderr, inputs)
         if code in (0, 1):
             result, code = _check_policy(result, code, inputs)
+        if code in (0, 1) and inputs.parent:
+            result, code = _check_parent(result, code, inputs, child_env)
 
     verdict = result.get("verdict", "error")
     rendered = scrub(render_markdown(result), secrets)
@@ -267,6 +271,48 @@ def _check_policy(
             f"the verdict on record was made under policy {got!r}, not {wanted!r} "
             f"({inputs.policy}); set the input `force: true` to gate again under {wanted!r}"
         )
+        return {**result, "verdict": "error", "reason": reason}, 2
+    return result, code
+
+
+def resolve_parent(uri: str, env: Mapping[str, str]) -> str:
+    """``models:/name/version`` for a parent URI, resolving an alias through the registry with
+    the step's credentials (set in this process's environment only for the call)."""
+    from mlflow_safedelta import registry as reg
+
+    ref = reg.parse_models_uri(uri)
+    if ref.version:
+        return ref.uri
+    keys = ["MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", *CREDENTIAL_INPUTS.values()]
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        for k in keys:
+            os.environ.pop(k, None)
+            if env.get(k):
+                os.environ[k] = env[k]
+        cl = reg.client(env.get("MLFLOW_TRACKING_URI"), env.get("MLFLOW_REGISTRY_URI"))
+        mv = reg.resolve(cl, ref)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+    return f"models:/{ref.name}/{mv.version}"
+
+
+def _check_parent(
+    result: dict[str, Any], code: int, inputs: GateInputs, env: Mapping[str, str]
+) -> tuple[dict[str, Any], int]:
+    """The version must descend from the parent its manifest names: a pull request cannot gate a
+    model against one parent while claiming another."""
+    try:
+        wanted = resolve_parent(inputs.parent, env)
+    except SafeDeltaError as exc:
+        return {**result, "verdict": "error", "reason": f"input `parent`: {exc}"}, 2
+    got = result.get("parent")
+    if got != wanted:
+        named = inputs.parent if inputs.parent == wanted else f"{inputs.parent} = {wanted}"
+        reason = f"the version's aligned parent is {got or 'unknown'}, but the manifest names {named}"
         return {**result, "verdict": "error", "reason": reason}, 2
     return result, code
 

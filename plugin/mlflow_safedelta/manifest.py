@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safedelta.errors import SafeDeltaError
 
 # models:/<name>/<version> or models:/<name>@<alias>
-_PARENT_URI = re.compile(r"^models:/(?P<name>[^@]+?)(?:/(?P<version>[0-9]+)|@(?P<alias>[\w.-]+))$")
+_PARENT_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[\w.-]+))$")
 _ALIAS = re.compile(r"^[A-Za-z_][\w-]*$")
 
 

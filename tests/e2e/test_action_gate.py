@@ -67,7 +67,8 @@ def _record_gate_run(cl, url: str, version: str, metrics: dict, parent: str) -> 
 
 @pytest.fixture(scope="module")
 def gated(mlflow_server):
-    """aligned v1; support-bot v1 (gate passed) and v2 (gate failed, alias `candidate`)."""
+    """aligned v1 (alias `base`); support-bot v1 (gate passed) and v2 (gate failed, alias
+    `candidate`), both descending from aligned v1."""
     from mlflow import MlflowClient
 
     cl = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
@@ -76,6 +77,7 @@ def gated(mlflow_server):
     source = f"{src_run.info.artifact_uri}/model"
     cl.create_registered_model("aligned")
     cl.create_model_version("aligned", source, run_id=src_run.info.run_id)
+    cl.set_registered_model_alias("aligned", "base", "1")
     cl.create_registered_model(MODEL)
     expected = {}
     for label in ("passing", "failing"):
@@ -112,7 +114,8 @@ def _rule_rows(summary: str) -> list[str]:
 def test_passing_version_passes_the_step(gated, tmp_path):
     version, expected = gated["passing"]
     code, log, summary, outputs = run_step(tmp_path, {
-        "tracking-uri": gated["url"], "model": MODEL, "version": version})
+        "tracking-uri": gated["url"], "model": MODEL, "version": version,
+        "parent": "models:/aligned/1"})
     assert code == 0, log
     assert outputs["verdict"] == "passed"
     assert outputs["run-url"] == expected["run_url"]
@@ -136,7 +139,8 @@ def test_passing_version_passes_the_step(gated, tmp_path):
 def test_failing_version_by_alias_fails_the_step(gated, tmp_path):
     version, expected = gated["failing"]
     code, log, summary, outputs = run_step(tmp_path, {
-        "tracking-uri": gated["url"], "model": MODEL, "alias": "candidate"})
+        "tracking-uri": gated["url"], "model": MODEL, "alias": "candidate",
+        "parent": "models:/aligned@base"})  # resolved through the server
     assert code == 1, log
     assert outputs["verdict"] == "failed"
     assert "::error title=Safe Delta gate failed::" in log

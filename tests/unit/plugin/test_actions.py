@@ -287,6 +287,49 @@ def test_a_verdict_counts_only_under_the_requested_policy(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize(
+    "parent, code, why",
+    [("models:/chat-aligned/1", 0, None),
+     ("models:/chat-aligned/2", 2, "the version's aligned parent is models:/chat-aligned/1, but "
+                                   "the manifest names models:/chat-aligned/2"),
+     ("chat-aligned", 2, "input `parent`: 'chat-aligned' is not a registered-model URI")],
+)
+def test_the_version_must_descend_from_the_named_parent(tmp_path, monkeypatch, parent, code, why):
+    got, _, _, summary, outputs = run_action_step(
+        tmp_path, monkeypatch, CannedGate(GATE_JSON, 0), {**BASE_INPUTS, "parent": parent})
+    assert got == code
+    assert outputs["verdict"] == ("passed" if code == 0 else "error")
+    if why:
+        assert why in outputs["reason"] and why in summary
+
+
+def test_a_parent_alias_is_resolved_with_the_step_credentials(tmp_path, monkeypatch):
+    from mlflow_safedelta import registry as reg
+
+    seen = {}
+
+    def fake_resolve(cl, ref):
+        seen.update(token=os.environ.get("MLFLOW_TRACKING_TOKEN"), ref=ref,
+                    uri=os.environ.get("MLFLOW_TRACKING_URI"))
+        return type("MV", (), {"version": "1" if ref.alias == "base" else "5"})()
+
+    monkeypatch.setattr(reg, "resolve", fake_resolve)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:5000")
+    inputs = {**BASE_INPUTS, "parent": "models:/chat-aligned@base", "tracking-token": "tok-abc123"}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    code, *_ = run_action_step(tmp_path / "a", monkeypatch, CannedGate(GATE_JSON, 0), inputs)
+    assert code == 0
+    assert seen == {"token": "tok-abc123", "ref": reg.ModelRef("chat-aligned", alias="base"),
+                    "uri": "http://127.0.0.1:5000"}
+    # the process environment is as before
+    assert "MLFLOW_TRACKING_TOKEN" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+    assert os.environ["MLFLOW_REGISTRY_URI"] == "http://127.0.0.1:5000"
+    code, _, _, _, outputs = run_action_step(tmp_path / "b", monkeypatch, CannedGate(GATE_JSON, 0),
+                                             {**inputs, "parent": "models:/chat-aligned@newer"})
+    assert code == 2
+    assert "names models:/chat-aligned@newer = models:/chat-aligned/5" in outputs["reason"]
+
+
+@pytest.mark.parametrize(
     "payload, returncode, stderr, why",
     [
         ({**GATE_JSON, "verdict": "error", "reason": "parent not found", "rules": []}, 2, "",
@@ -408,6 +451,7 @@ VALID = "model: support-bot\nversion: 3\nparent: models:/chat-aligned/1\n"
         ("model: m\nparent: models:/p/1\n", "(manifest)", "exactly one of `version` and `alias`"),
         ("model: m\nversion: 2\nalias: c\nparent: models:/p/1\n", "(manifest)", "exactly one of"),
         (VALID.replace("models:/chat-aligned/1", "chat-aligned"), "parent", "not a registry URI"),
+        (VALID.replace("chat-aligned/1", "team/chat-aligned/1"), "parent", "not a registry URI"),
         (VALID + "polcy: strict\n", "polcy", "unknown field"),
         (VALID.replace("version: 3", "version: 1.5"), "version", "whole version number"),
         (VALID.replace("version: 3", "version: 0"), "version", "greater than or equal to 1"),

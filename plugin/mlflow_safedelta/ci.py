@@ -7,9 +7,12 @@ action's ``env:``), never on a command line. The step:
 1. masks every credential (``::add-mask::``) before anything else is printed; credentials go to
    the gate process only as ``MLFLOW_TRACKING_TOKEN`` / ``_USERNAME`` / ``_PASSWORD``;
 2. runs the gate (``python -m mlflow_safedelta gate ... --json``) and reads its JSON;
-3. writes the Markdown summary (:func:`mlflow_safedelta.gate.render_markdown`: verdict, every
-   rule with measured value and limit, run link) to ``$GITHUB_STEP_SUMMARY`` and ``verdict=...`` (and friends) to ``$GITHUB_OUTPUT``;
-4. returns the gate's exit code: 0 passed, 1 failed, 2 error, so a failing gate fails the job.
+3. checks that the verdict was made under the requested policy and, when a parent is named,
+   that the version descends from it;
+4. writes the Markdown summary (:func:`mlflow_safedelta.gate.render_markdown`: verdict, every
+   rule with measured value and limit, run link) to ``$GITHUB_STEP_SUMMARY``, ``verdict=...``
+   (and friends) to ``$GITHUB_OUTPUT`` and the gate JSON to ``$RUNNER_TEMP``;
+5. returns the gate's exit code: 0 passed, 1 failed, 2 error, so a failing gate fails the job.
 
 Everything the gate prints is scrubbed of the credentials before it reaches the log.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,13 +105,11 @@ class GateInputs:
         return args + (["--force"] if self.force else []) + ["--json"]
 
 
-def secret_values(env: Mapping[str, str], inputs: GateInputs | None = None) -> list[str]:
+def secret_values(env: Mapping[str, str]) -> list[str]:
     """Every value that must never reach the log: credential inputs, credentials already in the
     environment, and a password embedded in the tracking URI."""
     values = [env.get(f"INPUT_{n}", "") for n in CREDENTIAL_INPUTS]
     values += [env.get(v, "") for v in CREDENTIAL_INPUTS.values()]
-    if inputs is not None:
-        values += list(inputs.secrets.values())
     uri = env.get("INPUT_TRACKING_URI", "") or env.get("MLFLOW_TRACKING_URI", "")
     try:
         parts = urlsplit(uri)
@@ -201,7 +203,8 @@ def run_ci_gate(
             child_env.setdefault("MLFLOW_REGISTRY_URI", inputs.tracking_uri)
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         target = inputs.version or f"@{inputs.alias}"
-        out.write(f"::group::mlflow safedelta gate {inputs.model} {target} (policy {inputs.policy})\n")
+        out.write(f"::group::mlflow safedelta gate {inputs.model} {target} "
+                  f"(policy {inputs.policy})\n")
         proc = runner(inputs.gate_args(), child_env)
         if proc.stderr:
             resume = uuid.uuid4().hex
@@ -219,9 +222,10 @@ def run_ci_gate(
     rendered = scrub(render_markdown(result), secrets)
     _append(env.get("GITHUB_STEP_SUMMARY"), rendered + "\n")
 
-    json_path = env.get("INPUT_JSON_FILE") or str(
-        Path(env.get("RUNNER_TEMP") or tempfile.gettempdir()) / "safedelta-gate.json"
-    )
+    label = re.sub(r"[^\w.-]+", "_", f"{env.get('INPUT_MODEL', '')}-"
+                   f"{env.get('INPUT_VERSION') or env.get('INPUT_ALIAS') or ''}")
+    json_path = str(Path(env.get("RUNNER_TEMP") or tempfile.gettempdir())
+                    / f"safedelta-gate-{label}.json")
     Path(json_path).write_text(scrub(json.dumps(result, indent=2, default=str), secrets) + "\n")
     outputs = {
         "verdict": verdict,
@@ -312,7 +316,8 @@ def _check_parent(
     got = result.get("parent")
     if got != wanted:
         named = inputs.parent if inputs.parent == wanted else f"{inputs.parent} = {wanted}"
-        reason = f"the version's aligned parent is {got or 'unknown'}, but the manifest names {named}"
+        reason = (f"the version's aligned parent is {got or 'unknown'}, "
+                  f"but the manifest names {named}")
         return {**result, "verdict": "error", "reason": reason}, 2
     return result, code
 

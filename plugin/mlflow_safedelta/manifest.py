@@ -45,8 +45,12 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    manifest_version: Literal[1] = Field(1, description="Schema version of this file; only 1 exists.")
-    model: str = Field(..., min_length=1, description="Registered model name of the fine-tuned model.")
+    manifest_version: Literal[1] = Field(
+        1, description="Schema version of this file; only 1 exists."
+    )
+    model: str = Field(
+        ..., min_length=1, description="Registered model name of the fine-tuned model."
+    )
     version: int | None = Field(
         None, ge=1, description="Model version number to gate (exclusive with `alias`)."
     )
@@ -61,10 +65,13 @@ class Manifest(BaseModel):
     policy: str = Field(
         "default",
         min_length=1,
-        description="Gate policy: a shipped policy name or a YAML file path relative to the repository root.",
+        description="Gate policy: a shipped policy name or a YAML file path relative to the "
+        "repository root.",
     )
     promote: bool = Field(
-        False, description="Move the policy's promotion alias to the protected version when the gate passes."
+        False,
+        description="Move the policy's promotion alias to the protected version when the gate "
+        "passes.",
     )
 
     @field_validator("version", mode="before")
@@ -87,7 +94,8 @@ class Manifest(BaseModel):
     def _parent_uri(cls, value: str) -> str:
         if not _PARENT_URI.match(value):
             raise ValueError(
-                f"{value!r} is not a registry URI; write models:/<name>/<version> or models:/<name>@<alias>"
+                f"{value!r} is not a registry URI; write models:/<name>/<version> or "
+                "models:/<name>@<alias>"
             )
         return value
 
@@ -135,8 +143,8 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
         raise ManifestError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(
-            f"{source}: a registration manifest is a YAML mapping (model, version or alias, parent, "
-            f"policy), got {type(data).__name__}"
+            f"{source}: a registration manifest is a YAML mapping (model, version or alias, "
+            f"parent, policy), got {type(data).__name__}"
         )
     try:
         return Manifest.model_validate(data)

@@ -82,8 +82,8 @@ def gated(mlflow_server):
     expected = {}
     for label in ("passing", "failing"):
         mv = cl.create_model_version(MODEL, source, run_id=src_run.info.run_id)
-        expected[label] = (mv.version, _record_gate_run(cl, mlflow_server.url, mv.version, MEASURED[label],
-                                                        "models:/aligned/1"))
+        expected[label] = (mv.version, _record_gate_run(
+            cl, mlflow_server.url, mv.version, MEASURED[label], "models:/aligned/1"))
     cl.set_registered_model_alias(MODEL, "candidate", expected["failing"][0])
     assert expected["passing"][1]["verdict"] == "passed"
     assert expected["failing"][1]["verdict"] == "failed"

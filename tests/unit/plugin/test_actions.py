@@ -152,7 +152,8 @@ def test_actionlint_checks_the_local_action_inputs(tmp_path):
         "on: push\njobs:\n  g:\n    runs-on: ubuntu-latest\n    steps:\n"
         "      - uses: actions/checkout@v4\n"
         "      - uses: ./.github/actions/safedelta-gate\n"
-        "        with:\n          tracking-uri: x\n          model: m\n          modle-version: 1\n")
+        "        with:\n          tracking-uri: x\n          model: m\n"
+        "          modle-version: 1\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     proc = subprocess.run([str(VENV_BIN / "actionlint"), "-no-color", str(bad)], cwd=repo,
                           capture_output=True, text=True)
@@ -185,7 +186,8 @@ def test_action_is_composite_and_passes_inputs_only_through_env():
 )
 def test_install_step_installs_the_plugin_from_the_action_repo(tmp_path, inputs, expected_tail):
     """Run the action's install step with a stand-in ``python`` that records its arguments."""
-    (step,) = [s for s in load_action()["runs"]["steps"] if s.get("name") == "Install mlflow-safedelta"]
+    (step,) = [s for s in load_action()["runs"]["steps"]
+               if s.get("name") == "Install mlflow-safedelta"]
     shim_dir = tmp_path / "bin"
     shim_dir.mkdir()
     record = tmp_path / "argv"
@@ -231,7 +233,8 @@ def test_passing_gate_exits_0_and_writes_verdict_and_rules_table(tmp_path, monke
     for rule in GATE_JSON["rules"]:
         row = next(line for line in summary.splitlines() if f"| {rule['rule']} |" in line)
         assert row.startswith("| ✅ |")
-        assert f"| {rule['measured']} |" in row and f"| {rule['comparison']} {rule['limit']} |" in row
+        assert f"| {rule['measured']} |" in row
+        assert f"| {rule['comparison']} {rule['limit']} |" in row
     assert f"]({GATE_JSON['run_url']})" in summary
     (args, env), = gate.calls
     assert args == ["support-bot", "7", "--policy", "default", "--no-promote", "--json"]
@@ -246,7 +249,8 @@ def test_passed_but_not_promoted_is_a_warning(tmp_path, monkeypatch):
     code, out, *_ = run_action_step(tmp_path / "a", monkeypatch, CannedGate(promoted, 0),
                                     {**BASE_INPUTS, "promote": "true"})
     assert code == 0 and "::warning" not in out
-    code, out, _, _, outputs = run_action_step(tmp_path / "b", monkeypatch, CannedGate(GATE_JSON, 0),
+    code, out, _, _, outputs = run_action_step(tmp_path / "b", monkeypatch,
+                                               CannedGate(GATE_JSON, 0),
                                                {**BASE_INPUTS, "promote": "true"})
     assert code == 0 and outputs["promoted-alias"] == ""
     assert "::warning title=Safe Delta gate::passed, but no alias was moved" in out
@@ -398,7 +402,8 @@ def test_credentials_are_masked_passed_by_env_and_never_logged(tmp_path, monkeyp
 
 def test_gate_log_cannot_issue_workflow_commands(tmp_path, monkeypatch):
     """The gate's log (which echoes PR-controlled names) is fenced by ::stop-commands::."""
-    gate = CannedGate(GATE_JSON, 0, stderr="loading model\n::add-mask::x\n::set-output name=verdict::passed\n")
+    gate = CannedGate(GATE_JSON, 0,
+                      stderr="loading model\n::add-mask::x\n::set-output name=verdict::passed\n")
     code, out, _, _, _ = run_action_step(tmp_path, monkeypatch, gate, BASE_INPUTS)
     assert code == 0
     lines = out.splitlines()
@@ -511,7 +516,7 @@ def manifest_repo(tmp_path):
     return repo
 
 
-def run_list_step(repo: Path, base: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+def run_list_step(repo: Path, base: str, tmp_path: Path):
     step = _workflow_list_step()
     out = tmp_path / "gh-output"
     out.write_text("")

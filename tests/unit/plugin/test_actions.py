@@ -161,6 +161,26 @@ def test_actionlint_checks_the_local_action_inputs(tmp_path):
     assert "modle-version" in proc.stdout
 
 
+def test_actionlint_finds_nothing_in_the_action_scripts(tmp_path):
+    """actionlint reads workflows, not action metadata: lint the composite action's ``run:``
+    steps (shellcheck included where installed, as on GitHub's runners) inside a workflow."""
+    steps = []
+    for step in load_action()["runs"]["steps"]:
+        if "run" in step:
+            env = {k: EXPR.sub(lambda m: f"value-of-{m.group(1)}", str(v))
+                   for k, v in step.get("env", {}).items()}
+            steps.append({"name": step["name"], "shell": step["shell"], "env": env,
+                          "run": step["run"]})
+    assert len(steps) == 2
+    wf = {"on": "push", "jobs": {"action": {"runs-on": "ubuntu-latest", "steps": steps}}}
+    path = tmp_path / ".github" / "workflows" / "action-steps.yml"
+    path.parent.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(wf, sort_keys=False))
+    proc = subprocess.run([str(VENV_BIN / "actionlint"), "-no-color", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
+
 def test_action_is_composite_and_passes_inputs_only_through_env():
     action = load_action()
     assert action["runs"]["using"] == "composite"

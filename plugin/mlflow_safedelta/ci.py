@@ -311,7 +311,7 @@ def _check_parent(
     model against one parent while claiming another."""
     try:
         wanted = resolve_parent(inputs.parent, env)
-    except SafeDeltaError as exc:
+    except Exception as exc:  # unresolvable, or the registry unreachable: never a pass
         return {**result, "verdict": "error", "reason": f"input `parent`: {exc}"}, 2
     got = result.get("parent")
     if got != wanted:

@@ -353,6 +353,20 @@ def test_a_parent_alias_is_resolved_with_the_step_credentials(tmp_path, monkeypa
     assert "names models:/chat-aligned@newer = models:/chat-aligned/5" in outputs["reason"]
 
 
+def test_an_unreachable_registry_while_resolving_the_parent_is_an_error(tmp_path, monkeypatch):
+    from mlflow_safedelta import registry as reg
+
+    def down(cl, ref):
+        raise ConnectionError("registry unreachable")
+
+    monkeypatch.setattr(reg, "resolve", down)
+    code, _, _, _, outputs = run_action_step(
+        tmp_path, monkeypatch, CannedGate(GATE_JSON, 0),
+        {**BASE_INPUTS, "parent": "models:/chat-aligned@base"})
+    assert code == 2 and outputs["verdict"] == "error"
+    assert outputs["reason"] == "input `parent`: registry unreachable"
+
+
 @pytest.mark.parametrize(
     "payload, returncode, stderr, why",
     [

@@ -205,7 +205,10 @@ def run_ci_gate(
         target = inputs.version or f"@{inputs.alias}"
         out.write(f"::group::mlflow safedelta gate {inputs.model} {target} "
                   f"(policy {inputs.policy})\n")
-        proc = runner(inputs.gate_args(), child_env)
+        try:
+            proc = runner(inputs.gate_args(), child_env)
+        except OSError as exc:  # the gate could not be started at all
+            proc = subprocess.CompletedProcess(["gate"], 2, "", f"cannot run the gate: {exc}")
         if proc.stderr:
             resume = uuid.uuid4().hex
             out.write(f"::stop-commands::{resume}\n")

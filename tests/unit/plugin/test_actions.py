@@ -367,6 +367,15 @@ def test_an_unreachable_registry_while_resolving_the_parent_is_an_error(tmp_path
     assert outputs["reason"] == "input `parent`: registry unreachable"
 
 
+def test_a_gate_that_cannot_start_is_an_error(tmp_path, monkeypatch):
+    def missing(args, env):
+        raise FileNotFoundError(2, "No such file or directory", "python")
+
+    code, _, _, _, outputs = run_action_step(tmp_path, monkeypatch, missing, BASE_INPUTS)
+    assert code == 2 and outputs["verdict"] == "error"
+    assert "printed no JSON result: cannot run the gate:" in outputs["reason"]
+
+
 @pytest.mark.parametrize(
     "payload, returncode, stderr, why",
     [

@@ -137,14 +137,7 @@ def _finite_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str,
     return out
 
 
-def _merge_tokenizer(loc: Any) -> Path:
-    """Put the tokenizer files next to the weights (protect/evaluate read one directory)."""
-    wd = Path(loc.weights_dir)
-    if loc.tokenizer_dir and Path(loc.tokenizer_dir).resolve() != wd.resolve():
-        for f in Path(loc.tokenizer_dir).iterdir():
-            if f.is_file() and not (wd / f.name).exists():
-                shutil.copy2(f, wd / f.name)
-    return wd
+_merge_tokenizer = reg.merge_tokenizer
 
 
 def _full_model_dir(loc: Any, parent_dir: Path, dst: Path) -> Path:
@@ -391,10 +384,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                               if isinstance(engine.inputs, dict) else None,
                               role="protected",
                               safedelta_config=dict(engine.config) if engine.config else None)
-            cl.log_artifacts(run_id, str(model_dir), "protected_model")
-            artifact_uri = cl.get_run(run_id).info.artifact_uri.rstrip("/")
-            pv = cl.create_model_version(
-                model_name, f"{artifact_uri}/protected_model", run_id=run_id,
+            pv = reg.register_saved_model(
+                cl, model_dir, model_name, run_id=run_id, artifact_path="protected_model",
                 description=f"Safe Delta protection of version {version} against "
                             f"{parent.resolved_uri} (s={s:g}, policy {pol.name})",
                 tags={reg.TAG_ROLE: reg.ROLE_PROTECTED,

@@ -223,3 +223,52 @@ def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> l
                     "policy": t.get(TAG_POLICY),
                     "aliases": sorted(aliases[mv.name].get(str(mv.version), []))})
     return out
+
+
+def materialize(uri_or_path: str | Path, dst: str | Path, *, tracking_uri: str | None = None,
+                registry_uri: str | None = None) -> Path:
+    """A local checkpoint directory for a ``models:/`` URI (downloaded; weights and tokenizer in
+    one directory, either flavor) or a local path (returned unchanged).
+
+    For commands that take model directories (``protect``, ``evaluate``) and want to accept
+    registered models too::
+
+        aligned_dir = materialize("models:/aligned@production", work / "aligned")
+    """
+    if not str(uri_or_path).startswith("models:/"):
+        return Path(uri_or_path)
+    cl = client(tracking_uri, registry_uri)
+    mv = resolve(cl, str(uri_or_path))
+    return merge_tokenizer(download_version(cl, mv.name, str(mv.version), dst))
+
+
+def merge_tokenizer(loc: Any) -> Path:
+    """Copy a downloaded model's tokenizer files next to its weights (``protect`` and
+    ``evaluate`` read one directory); returns the weights directory."""
+    import shutil
+
+    wd = Path(loc.weights_dir)
+    if loc.tokenizer_dir and Path(loc.tokenizer_dir).resolve() != wd.resolve():
+        for f in Path(loc.tokenizer_dir).iterdir():
+            if f.is_file() and not (wd / f.name).exists():
+                shutil.copy2(f, wd / f.name)
+    return wd
+
+
+def register_saved_model(cl: Any, model_dir: str | Path, name: str, *, run_id: str,
+                         artifact_path: str = "model", tags: dict[str, str] | None = None,
+                         description: str | None = None):
+    """Log a saved MLflow model directory to a run and register it as a new version of
+    ``name`` (created when missing), with ``tags`` set at creation (so every registration route
+    sees them at once). Uses only the client: no fluent, process-global MLflow state."""
+    from mlflow.exceptions import MlflowException
+
+    cl.log_artifacts(run_id, str(model_dir), artifact_path)
+    try:
+        cl.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    artifact_uri = cl.get_run(run_id).info.artifact_uri.rstrip("/")
+    return cl.create_model_version(name, f"{artifact_uri}/{artifact_path}", run_id=run_id,
+                                   tags=tags, description=description)

@@ -86,7 +86,17 @@ def registered(mlflow_server, tmp_path_factory):
     with mlflow.start_run():
         flavor.log_model(str(ft), name="model", parent="models:/aligned@base",
                          registered_model_name="support-bot")
-    return {"root": root, "aligned": aligned, "client": cl}
+    yield {"root": root, "aligned": aligned, "client": cl}
+    _reset_mlflow_uris()
+
+
+def _reset_mlflow_uris():
+    """Undo the process-global URIs so later modules get their own stores."""
+    import os
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def _versions(cl, name):
@@ -293,3 +303,12 @@ def test_target_mode_searches_s_for_the_policy_asr(tmp_path):
     assert engine.config["s"] == pytest.approx(s)
     final = ev({"aligned": a, "finetuned": f, "protected": tmp_path / "out"}, pol)
     assert final.metrics["protected"]["asr.advbench"] == pytest.approx(curve[s])
+
+
+def test_materialize_gives_protect_a_local_directory(mlflow_server, registered, tmp_path):
+    from mlflow_safedelta.registry import materialize
+
+    local = materialize("models:/aligned@base", tmp_path / "a", tracking_uri=mlflow_server.url)
+    assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
+    assert _weights(local).keys() == _weights(registered["aligned"]).keys()
+    assert materialize(str(tmp_path), tmp_path / "x") == tmp_path

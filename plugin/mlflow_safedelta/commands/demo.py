@@ -98,7 +98,8 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
              limit: int | None = None, device: str | None = None, force: bool = False,
              quiet: bool = False, evaluator: Any = None) -> dict:
     """Set up the demo store, register the pair, run the gate job; returns what to print."""
-    import mlflow
+    import shutil
+
     from mlflow import MlflowClient
 
     from mlflow_safedelta import flavor
@@ -127,29 +128,26 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
         aligned_dir, ft_dir = build_demo_pair(progress=not quiet)
 
     _say(f"[2/4] registering {PARENT_NAME} and {MODEL_NAME} in {uri}", quiet)
-    prev_uri, prev_reg = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        mlflow.set_experiment("safedelta-demo")
-        if not cl.search_model_versions(f"name='{PARENT_NAME}'"):
-            with mlflow.start_run(run_name="register-aligned"):
-                flavor.log_model(str(aligned_dir), name="model", role="aligned",
-                                 registered_model_name=PARENT_NAME)
-            cl.set_registered_model_alias(PARENT_NAME, "aligned", "1")
-        fts = [v for v in cl.search_model_versions(f"name='{MODEL_NAME}'")
-               if (v.tags or {}).get(reg.TAG_ROLE) != reg.ROLE_PROTECTED]
-        if not fts:
-            with mlflow.start_run(run_name="register-finetune"):
-                info = flavor.log_model(str(ft_dir), name="model",
-                                        parent=f"models:/{PARENT_NAME}@aligned",
-                                        registered_model_name=MODEL_NAME)
-            version = str(info.registered_model_version)
-        else:
-            version = str(min(int(v.version) for v in fts))
-    finally:
-        mlflow.set_tracking_uri(prev_uri)
-        mlflow.set_registry_uri(prev_reg)
+    exp_id = cl.get_experiment_by_name("safedelta-demo").experiment_id
+
+    def register(src: Path, name: str, **flavor_kw: Any) -> str:
+        run = cl.create_run(exp_id, run_name=f"register-{name}")
+        saved = root / "staging" / f"{name}-{run.info.run_id}"
+        flavor.save_model(str(src), saved, **flavor_kw)
+        mv = reg.register_saved_model(cl, saved, name, run_id=run.info.run_id)
+        cl.set_terminated(run.info.run_id, "FINISHED")
+        shutil.rmtree(saved, ignore_errors=True)
+        return str(mv.version)
+
+    if not cl.search_model_versions(f"name='{PARENT_NAME}'"):
+        cl.set_registered_model_alias(PARENT_NAME, "aligned",
+                                      register(aligned_dir, PARENT_NAME, role="aligned"))
+    fts = [v for v in cl.search_model_versions(f"name='{MODEL_NAME}'")
+           if (v.tags or {}).get(reg.TAG_ROLE) != reg.ROLE_PROTECTED]
+    if fts:
+        version = str(min(int(v.version) for v in fts))
+    else:
+        version = register(ft_dir, MODEL_NAME, parent=f"models:/{PARENT_NAME}@aligned")
 
     pol = _demo_policy(policy, limit)
     _say(f"[3/4] gating {MODEL_NAME} v{version} with policy '{pol.name}' "

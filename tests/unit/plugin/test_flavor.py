@@ -97,16 +97,23 @@ def test_pickle_only_checkpoint_refused(tmp_path):
 
 
 def test_log_model_registers_and_loads(tiny_dirs, tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
-        info = flavor.log_model(str(tiny_dirs[1]), name="model", parent="models:/aligned/1",
-                                registered_model_name="ft")
-    assert info.flavors["safedelta"]["parent_uri"] == "models:/aligned/1"
-    local = mlflow.artifacts.download_artifacts("models:/ft/1", dst_path=str(tmp_path / "dl"))
-    loc = locate_weights(local)
-    assert loc.flavor == "safedelta" and loc.kind == "full" and loc.parent_uri == "models:/aligned/1"
-    assert (loc.weights_dir / "config.json").is_file() and loc.tokenizer_dir is not None
-    assert len(mlflow.pyfunc.load_model("models:/ft/1").predict(["x"], params=GEN)) == 1
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with mlflow.start_run():
+            info = flavor.log_model(str(tiny_dirs[1]), name="model", parent="models:/aligned/1",
+                                    registered_model_name="ft")
+        assert info.flavors["safedelta"]["parent_uri"] == "models:/aligned/1"
+        local = mlflow.artifacts.download_artifacts("models:/ft/1", dst_path=str(tmp_path / "dl"))
+        loc = locate_weights(local)
+        assert (loc.flavor, loc.kind, loc.parent_uri) == ("safedelta", "full", "models:/aligned/1")
+        assert (loc.weights_dir / "config.json").is_file() and loc.tokenizer_dir is not None
+        assert len(mlflow.pyfunc.load_model("models:/ft/1").predict(["x"], params=GEN)) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 def test_lora_adapter_applied_onto_parent(tiny_dirs, tmp_path):

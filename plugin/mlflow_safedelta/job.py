@@ -280,7 +280,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     version = str(version)
     cl = reg.client(tracking_uri, registry_uri)
     tracking = cl._tracking_client.tracking_uri
-    mv = cl.get_model_version(model_name, version)
+    mv = reg.resolve(cl, reg.ModelRef(model_name, version=version))
     tags = dict(mv.tags or {})
     if tags.get(reg.TAG_ROLE) == reg.ROLE_PROTECTED:
         return GateResult(model=model_name, version=version, verdict="error",
@@ -305,6 +305,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                                                reg.TAG_POLICY: pol.name})
         parent = reg.find_parent(cl, mv)
         result.parent = parent.resolved_uri
+        if not tags.get(reg.TAG_PARENT):  # record lineage found in the flavor; never overwrite
+            reg.set_tags(cl, model_name, version, {reg.TAG_PARENT: parent.uri})
         work.mkdir(parents=True, exist_ok=True)
 
         with pg.step(f"downloading parent {parent.resolved_uri}"):

@@ -122,6 +122,7 @@ def test_passing_gate_registers_protected_version_and_promotes(mlflow_server, re
     ft = reg.version_tags(cl, "support-bot", "1")
     assert ft[reg.TAG_STATUS] == "passed" and ft[reg.TAG_PROTECTED_VERSION] == "2"
     assert ft[reg.TAG_RUN_ID] == res.run_id and ft[reg.TAG_POLICY] == "lenient-test"
+    assert ft[reg.TAG_PARENT] == "models:/aligned@base"  # lineage from the flavor, as recorded
     pv = reg.version_tags(cl, "support-bot", "2")
     assert pv[reg.TAG_ROLE] == "protected" and pv[reg.TAG_STATUS] == "protected-output"
     assert pv[reg.TAG_PROTECTED_FROM] == "support-bot/1"

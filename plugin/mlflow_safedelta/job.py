@@ -70,7 +70,7 @@ def default_evaluator(models: dict[str, Path], policy: Policy, *, task_data: str
 
 
 class _Progress:
-    """One line per step on the log (stderr via the CLI's logging set-up)."""
+    """One INFO line per step on this module's logger (the CLI shows them on stderr)."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled, self.t0 = label, enabled, time.monotonic()
@@ -79,10 +79,10 @@ class _Progress:
     def step(self, what: str) -> Iterator[None]:
         t = time.monotonic()
         if self.enabled:
-            _logger.warning("[%s] %s ...", self.label, what)
+            _logger.info("[%s] %s ...", self.label, what)
         yield
         if self.enabled:
-            _logger.warning("[%s] %s done (%.1f s)", self.label, what, time.monotonic() - t)
+            _logger.info("[%s] %s done (%.1f s)", self.label, what, time.monotonic() - t)
 
 
 def _stored_result(cl: Any, name: str, version: str, tags: dict[str, str]) -> GateResult:

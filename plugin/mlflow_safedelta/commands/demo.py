@@ -27,6 +27,16 @@ MODEL_NAME = "demo-assistant"
 EXPERIMENTS = ("safedelta-demo", "safedelta-gate", "safedelta-hessians")
 
 
+def show_job_progress(enabled: bool = True) -> None:
+    """Let the gate job's step lines (INFO on ``mlflow_safedelta.job``) reach stderr."""
+    if enabled:
+        import logging
+
+        for name in ("mlflow_safedelta.job",):
+            if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+                logging.getLogger(name).setLevel(logging.INFO)
+
+
 def _say(msg: str, quiet: bool) -> None:
     if not quiet:
         click.echo(msg, err=True)
@@ -191,6 +201,7 @@ def demo(root, tiny, policy_, limit, device, force, json_):
     """
     from mlflow_safedelta.gate import render_markdown
 
+    show_job_progress(not json_)
     out = run_demo(root, tiny=tiny, policy=policy_, limit=limit, device=device, force=force,
                    quiet=json_)
     if json_:

@@ -62,6 +62,9 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
     from mlflow_safedelta.gate import render_markdown
     from mlflow_safedelta.job import run_gate_job
 
+    from mlflow_safedelta.commands.demo import show_job_progress
+
+    show_job_progress(not json_)
     if bool(version) == bool(alias):
         raise UsageError("give exactly one of VERSION or --alias")
     if alias:
@@ -92,8 +95,10 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
 
     Later gates of its fine-tunes, on any machine, download it instead of recomputing.
     """
+    from mlflow_safedelta.commands.demo import show_job_progress
     from mlflow_safedelta.job import prepare_parent
 
+    show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
                          device=device, progress=not json_)
     if json_:

@@ -100,7 +100,7 @@ def _demo_policy(name_or_path: str | None, limit: int | None):
     if updates:
         pol = pol.model_validate({**pol.model_dump(), **{k: (v.model_dump() if hasattr(
             v, "model_dump") else v) for k, v in updates.items()}})
-        pol._source = "demo (derived from %s)" % (name_or_path or "default")
+        pol._source = f"derived from {name_or_path or 'default'}"
     return pol
 
 

@@ -313,3 +313,32 @@ def test_materialize_gives_protect_a_local_directory(mlflow_server, registered, 
     assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
     assert _weights(local).keys() == _weights(registered["aligned"]).keys()
     assert materialize(str(tmp_path), tmp_path / "x") == tmp_path
+
+
+def test_lora_adapter_version_is_gated_against_its_parent(mlflow_server, registered, tmp_path):
+    """A version holding only a LoRA adapter (safedelta flavor, delta_format lora): evaluated as
+    the adapter merged onto the parent, protected into full weights, registered, promoted."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cl = registered["client"]
+    base = AutoModelForCausalLM.from_pretrained(str(registered["aligned"]))
+    torch.manual_seed(3)
+    lora = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    flavor.save_model(str(tmp_path / "adapter"), tmp_path / "saved", parent="models:/aligned/1",
+                      tokenizer=make_tiny_tokenizer())
+    run = cl.create_run(cl.get_experiment_by_name("safedelta-gate").experiment_id)
+    mv = reg.register_saved_model(cl, tmp_path / "saved", "lora-bot", run_id=run.info.run_id)
+    ev = MeasuringEvaluator()
+    res = run_gate_job("lora-bot", mv.version, policy=PASSING, tracking_uri=mlflow_server.url,
+                       evaluator=ev, progress=False)
+    assert res.verdict == "passed", res.reason
+    assert cl.get_run(res.run_id).data.params["finetuned_kind"] == "lora"
+    # q/v moved by the adapter, partly kept by Safe Delta; nothing else changed
+    assert 0.0 < res.metrics["protected"]["utility_retention"] < 1.0
+    prot = flavor.load_model(f"models:/lora-bot/{res.protected_version}")
+    assert prot.delta_format == "full" and prot.parent == "models:/aligned/1"
+    assert cl.get_model_version_by_alias("lora-bot", "production").version == res.protected_version

@@ -1,7 +1,8 @@
 """Kernel benchmark: one 4096 x 4096 linear layer (the Llama-2-7B width the paper used).
 
 ``python -m benchmarks.run kernel`` writes the section; ``SAFEDELTA_BENCH_DEVICE=cuda`` runs it
-on a GPU; ``SAFEDELTA_BENCH_WIDTH`` changes the width (default 4096).
+on a GPU; ``SAFEDELTA_BENCH_WIDTH`` changes the width (default 4096); ``BENCH_THREADS`` the CPU
+threads (default 1).
 
 The problem: aligned ``W0 ~ 0.02 N(0, 1)`` (the Hugging Face init scale); fine-tuned
 ``W1 = W0 + delta`` with a structured delta (rank-8 part plus noise, ``||delta|| = 0.05 ||W0||``);
@@ -19,7 +20,7 @@ import torch
 
 from safedelta._reference import reference_official
 from safedelta.config import DEFAULT_S
-from safedelta.solver import prepare_hessian, protect_matrix
+from safedelta.solver import _resolve, _solve_official, prepare_hessian, protect_matrix
 
 SEED = 0
 REL_DELTA = 0.05
@@ -62,10 +63,23 @@ def _match_s(W0, W1, prep, target: float, field: str) -> float:
     return 10 ** hi
 
 
+def _reference_factorisation(H):
+    """The reference's own factorisation steps (the same calls as ``_reference.py``), timed
+    apart so that its loop can be compared with the lazy loop alone."""
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def run() -> str:
     device = os.environ.get("SAFEDELTA_BENCH_DEVICE", "cpu")
     c = int(os.environ.get("SAFEDELTA_BENCH_WIDTH", "4096"))
     r = c
+    # one thread by default, as the protect benchmark: on a shared machine several threads per
+    # process mostly measure contention (BENCH_THREADS changes it)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     threads = torch.get_num_threads()
     torch.manual_seed(SEED)
     if device == "cuda":  # warm-up: CUDA context, cuBLAS/cuSOLVER handles
@@ -77,7 +91,14 @@ def run() -> str:
     prep, t_prep = _timed(lambda: prepare_hessian(H), device)
     s_off = DEFAULT_S["official"]
     off, t_off = _timed(lambda: protect_matrix(W0, W1, prep, s=s_off, budget="official"), device)
+    # the lazy official loop alone (no stats: protect_matrix also computes two r c^2 quadratics,
+    # E0 and the safety loss, which the reference does not)
+    cfg_off, _ = _resolve(None, s_off, "official")
+    W_solve = W0.float().clone()
+    _, t_solve = _timed(lambda: _solve_official(W_solve, W1.float(), prep, s_off, cfg_off), device)
     (W_ref, mask_ref), t_ref = _timed(lambda: reference_official(W0, W1, H, s_off), device)
+    _, t_ref_fact = _timed(lambda: _reference_factorisation(H), device)
+    t_ref_loop = t_ref - t_ref_fact
     s_def = DEFAULT_S["default"]
     dft, t_def = _timed(lambda: protect_matrix(W0, W1, prep, s=s_def), device)
 
@@ -123,13 +144,24 @@ def run() -> str:
         f"| {t_prep:.2f} |",
         f"| official, lazy batched (`protect_matrix`, prepared `H`, stats included) "
         f"| {t_off:.2f} |",
+        f"| official, lazy batched loop alone (`_solve_official`, no stats) | {t_solve:.2f} |",
         f"| official, plain reference (`safedelta/_reference.py`, its own factorisation "
         f"included) | {t_ref:.2f} |",
+        f"| of which the reference's factorisation (the same calls, timed apart) "
+        f"| {t_ref_fact:.2f} |",
         f"| default (`protect_matrix`, prepared `H`, stats included) | {t_def:.2f} |",
         "",
-        f"- Speed-up of the lazy official mode over the plain transcription: "
-        f"**{t_ref / t_off:.1f}x** on the solve alone, **{t_ref / (t_off + t_prep):.1f}x** "
-        f"counting `prepare_hessian` (the reference factorises `H` itself).",
+        f"- Speed-up of the lazy official loop over the plain transcription's loop (its total "
+        f"minus its factorisation): **{t_ref_loop / t_solve:.1f}x**. Target: at least 5x "
+        f"possible ({'met' if t_ref_loop / t_solve >= 5 else 'not met'}; both loops do the "
+        "same cross-block products, the plain one adds a memory-bound rank-4 update of the rest "
+        "of its 2048-column block per step, which bounds the ratio on a CPU). "
+        f"Everything counted (factorisation + loop each side): "
+        f"**{t_ref / (t_prep + t_solve):.1f}x** (`prepare_hessian` also builds the default "
+        f"rule's factor); `protect_matrix` with its stats (two `r c^2` quadratics the "
+        f"reference does not compute) plus `prepare_hessian`: **{t_ref / (t_prep + t_off):.1f}x**.",
+        f"- The lazy loop's weights equal the full call's: "
+        f"{'yes' if torch.equal(W_solve.to(off.weight.dtype), off.weight) else 'no'}.",
         f"- Agreement (official s = {s_off}): masks equal on **{agree:.6%}** of entries "
         f"({so.n_kept} vs {int(mask_ref.sum())} kept); max |weight difference| = "
         f"**{max_dw:.2e}** (weights are ~0.02).",

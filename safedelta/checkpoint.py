@@ -97,6 +97,41 @@ class SafetensorsFile:
             done += n
         return buf.view(dtype).reshape(shape)
 
+    def get_rows(self, name: str, rows: "torch.Tensor") -> "torch.Tensor":
+        """Rows ``rows`` (sorted, unique, in range) of a tensor, reading only their bytes.
+
+        A row is everything below the first index (one embedding vector); consecutive rows are
+        read in one positioned read.
+        """
+        import torch
+
+        info = self.info(name)
+        dtype = getattr(torch, _ST_TO_TORCH[info["dtype"]])
+        shape = tuple(info["shape"])
+        row_bytes = _ITEMSIZE[info["dtype"]]
+        for d in shape[1:]:
+            row_bytes *= d
+        idx = [int(i) for i in rows.reshape(-1).tolist()]
+        buf = torch.empty(len(idx) * row_bytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start = self.base + info["data_offsets"][0]
+        k = 0
+        while k < len(idx):  # one read per run of consecutive rows
+            run = 1
+            while k + run < len(idx) and idx[k + run] == idx[k] + run:
+                run += 1
+            want, pos, done = view[k * row_bytes:(k + run) * row_bytes], start + idx[k] * row_bytes, 0
+            while done < len(want):
+                n = os.preadv(self._fd, [want[done:]], pos + done)
+                if n <= 0:
+                    raise CheckpointError(f"'{self.path}' is truncated: tensor '{name}' ends past "
+                                          "the end of the file")
+                done += n
+            k += run
+        return buf.view(dtype).reshape((len(idx),) + shape[1:])
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -211,6 +246,19 @@ class CheckpointReader:
             assert_finite(t, name, f"{self.label} '{self.path}'")
         return t
 
+    def get_rows(self, name: str, rows: "torch.Tensor") -> "torch.Tensor":
+        """Rows ``rows`` (sorted, unique) of tensor ``name``, reading only those rows: an
+        embedding's vectors for the tokens actually used, not the whole matrix."""
+        shape = self.shape(name)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= shape[0]):
+            raise IndexError(f"row {int(rows.max())} out of range for '{name}' with {shape[0]} "
+                             "rows")
+        if self._pickled is not None:
+            return self.get(name)[rows]
+        if name not in self.weight_map:
+            raise MissingTensor(f"tensor '{name}' not found in {self.label} '{self.path}'")
+        return self._handle(self.weight_map[name]).get_rows(name, rows)
+
     def config(self) -> dict:
         cfg = self.path / "config.json"
         return json.loads(cfg.read_text()) if cfg.is_file() else {}
@@ -224,15 +272,16 @@ def assert_finite(t: "torch.Tensor", name: str, where: str) -> None:
     """Raise :class:`NonFiniteWeights` when a floating tensor holds NaN or Inf."""
     import torch
 
-    if not t.is_floating_point() or t.numel() == 0:
+    from safedelta.solver import all_finite
+
+    if all_finite(t):  # one reduction; the counts below only on failure
         return
-    if not bool(torch.isfinite(t).all()):
-        n_nan = int(torch.isnan(t).sum())
-        n_inf = int(torch.isinf(t).sum())
-        raise NonFiniteWeights(
-            f"tensor '{name}' of the {where} holds non-finite values ({n_nan} NaN, {n_inf} Inf); "
-            "a diverged or corrupted checkpoint cannot be protected. Re-export the model."
-        )
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    raise NonFiniteWeights(
+        f"tensor '{name}' of the {where} holds non-finite values ({n_nan} NaN, {n_inf} Inf); "
+        "a diverged or corrupted checkpoint cannot be protected. Re-export the model."
+    )
 
 
 #: config keys that must agree for two checkpoints to be the same architecture

@@ -16,7 +16,7 @@ turn is loaded, run over all samples, and returned to the meta device.
 Peak memory: one decoder block's weights (compute dtype) + its Hessians (fp32, one per distinct
 input: ``c x c`` each, q/k/v and gate/up share one) + the activations, twice (inputs and
 outputs of the block, ``N x T x hidden`` in the compute dtype) + the modules before the first
-block (the embedding matrix; on CPU it stays memory-mapped when the checkpoint is fp32). The
+block (of the token embedding only the rows of the tokens the samples use are read). The
 final norm and ``lm_head`` are never loaded, and the whole model is never in memory.
 
 Linear layers that receive the very same input tensor (q/k/v projections, gate/up) get one
@@ -358,6 +358,47 @@ def _load_params(module: "nn.Module", prefix: str, names: _NameMap, reader, devi
     return n_bytes
 
 
+def _compact_input_embedding(model, samples, names, reader, device, dtype) -> list:
+    """Load only the rows of the token embedding that the calibration samples use.
+
+    The input embedding (an ``nn.Embedding`` found by ``get_input_embeddings``) gets a table of
+    just the distinct token ids of the samples (read row by row from the checkpoint), and a
+    pre-hook maps each call's ids to their row in it: the lookups return the very same vectors
+    while a 128k-vocabulary matrix (0.5 GB in fp32) is never materialised. Returns the hooks
+    (none when the model's input embedding is not a plain ``nn.Embedding``).
+    """
+    import torch
+    from torch import nn
+
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    if type(emb) is not nn.Embedding or emb.weight.device.type != "meta" or emb.max_norm:
+        return []
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None)
+    if emb_name is None:
+        return []
+    ids = torch.unique(torch.cat([s.reshape(-1) for s in samples]).to("cpu", torch.long))
+    if int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings:
+        raise CalibrationError(f"calibration token id {int(ids.max())} is outside the model's "
+                               f"vocabulary of {emb.num_embeddings}")
+    full = names(f"{emb_name}.weight")
+    rows = reader.get_rows(full, ids)
+    emb._parameters["weight"] = nn.Parameter(rows.to(device=device, dtype=dtype),
+                                             requires_grad=False)
+    ids_dev = ids.to(device)
+
+    def remap(_module, args, kwargs):
+        if args:
+            return (torch.searchsorted(ids_dev, args[0]),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["input"] = torch.searchsorted(ids_dev, kwargs["input"])
+        return args, kwargs
+
+    return [emb.register_forward_pre_hook(remap, with_kwargs=True)]
+
+
 def _capture_inputs(model, layers, samples, names, reader, device, dtype, prefix):
     """Block-0 inputs, and for every block the per-sample arguments the model passes to it.
 
@@ -381,6 +422,7 @@ def _capture_inputs(model, layers, samples, names, reader, device, dtype, prefix
             _load_params(module, mod_name, names, reader, device, dtype, recurse=False)
         return load
 
+    pre_hooks += _compact_input_embedding(model, samples, names, reader, device, dtype)
     for n, m in model.named_modules():  # materialise embeddings etc. only when used
         if n == prefix or n.startswith(layer_prefix):
             continue

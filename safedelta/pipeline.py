@@ -11,7 +11,9 @@ Order of work (nothing is written before every input has been checked):
    calibration set, so a second request against the same parent skips the forward pass);
 4. stream the output shard by shard, following the aligned checkpoint's layout: each linear weight
    of a decoder block goes through :func:`safedelta.solver.protect_matrix` with its damped Hessian
-   (factored once per distinct Hessian: q/k/v and gate/up share theirs); every other tensor
+   (factored once per distinct Hessian: q/k/v and gate/up share theirs; under the default budget
+   the factorisations and each weight's output energy ``E0`` are cached beside the Hessians, so a
+   second request against the same parent neither factors nor recomputes them); every other tensor
    (embeddings, norms, head, biases) is taken from the aligned or the fine-tuned model as
    ``config.nonlinear`` says, and the norm of the discarded change is recorded. NaN/Inf in either
    model stops the run naming the tensor. Only one tensor of each model (plus one Hessian) is in
@@ -22,13 +24,14 @@ Example::
 
     from safedelta import protect, SafeDeltaConfig
     report = protect("models/aligned", "runs/finetuned", "models/protected",
-                     config=SafeDeltaConfig(s=0.02))
+                     config=SafeDeltaConfig(s=1e-5))
     print(report.summary())
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -114,19 +117,132 @@ class _Timer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
+#: version of the factorisation cache's layout and of what it holds; part of its path
+FACTOR_FORMAT = 1
+
+
+class _FactorStore:
+    """The default rule's factorisations and the aligned weights' output energies, on disk.
+
+    Both depend only on the aligned model and the calibration set (the Hessian cache entry they
+    live in), the damping and the device kind, so a second request against the same parent reads
+    them instead of factoring every Hessian again (``c^3``) and recomputing every
+    ``E0 = 1/2 tr(W0 H W0^T)`` (``r c^2``). Values are the very tensors and floats a fresh
+    computation gives, so a warm result is bitwise the cold one. Layout:
+    ``<hessian cache>/factors-v1/<device>-damp<damp>/<weight>.safetensors`` (``U_order``
+    and its memory layout, ``order``, ``hinv_diag``, ``dead``; the absolute damping in the metadata) and
+    ``energies.json``; each file is written to a temporary name and renamed. A cache that cannot
+    be written (read-only) only costs the speed-up.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.energies: dict[str, float] = {}
+        self._new_energies: dict[str, float] = {}
+        try:
+            import json
+
+            self.energies = {k: float(v) for k, v in
+                             json.loads((root / "energies.json").read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str):
+        import torch
+
+        from safedelta.checkpoint import SafetensorsFile
+        from safedelta.errors import CheckpointError
+        from safedelta.solver import PreparedHessian
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        f = SafetensorsFile(path)
+        try:
+            t = {n: f.get(n) for n in ("U_order", "order", "hinv_diag", "dead")}
+            damp = float(f.metadata["damp"])
+            if f.metadata.get("U_order_layout") == "column-major":
+                t["U_order"] = t["U_order"].T.contiguous().T
+        except (CheckpointError, KeyError, ValueError) as exc:
+            _logger.warning("ignoring unreadable cached factorisation %s (%s)", path, exc)
+            return None
+        finally:
+            f.close()
+        return PreparedHessian(H=None, U=None, d=None, hinv_diag=t["hinv_diag"],
+                               order=t["order"].to(torch.long), U_order=t["U_order"],
+                               damp=damp, dead=t["dead"].to(torch.bool))
+
+    def save(self, key: str, prep) -> None:
+        from safetensors.torch import save_file
+
+        # the factor's memory layout is restored on reading (LAPACK returns it column-major):
+        # the solve's products round differently on another layout
+        layout = "column-major" if prep.U_order.stride(0) == 1 else "row-major"
+        tensors = {"U_order": prep.U_order, "order": prep.order,
+                   "hinv_diag": prep.hinv_diag, "dead": prep.dead}
+        tmp = self.root / f".{key}.{os.getpid()}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"damp": repr(float(prep.damp)), "U_order_layout": layout})
+            os.replace(tmp, self._path(key))
+        except OSError as exc:
+            _logger.warning("could not cache the factorisation of %s (%s)", key, exc)
+            tmp.unlink(missing_ok=True)
+
+    def add_energy(self, name: str, value: float) -> None:
+        self.energies[name] = value
+        self._new_energies[name] = value
+
+    def flush(self) -> None:
+        """Merge the new energies into ``energies.json`` (read again: another run may have
+        added some)."""
+        import json
+
+        if not self._new_energies:
+            return
+        path = self.root / "energies.json"
+        tmp = self.root / f".energies.{os.getpid()}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                merged = json.loads(path.read_text())
+            except (OSError, ValueError):
+                merged = {}
+            merged.update(self._new_energies)
+            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))  # repr: exact floats
+            os.replace(tmp, path)
+            self._new_energies.clear()
+        except OSError as exc:
+            _logger.warning("could not cache the output energies (%s)", exc)
+            tmp.unlink(missing_ok=True)
+
+
 class _PreparedCache:
     """Damped, factored Hessians, reused while consecutive weights share one ``H``.
 
     Weights that read the same input (q/k/v, gate/up) share one Hessian
     (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
-    damped and factored once.
+    damped and factored once. Under the default budget the factorisations and the output
+    energies are also kept on disk (:class:`_FactorStore`) for the next request against the same
+    aligned model; the official rule factors afresh (its ``U`` is not cached).
     """
 
-    def __init__(self, damp: float, device: str, keep: int = 3):
+    def __init__(self, hs, damp: float, device: str, budget: str = "default", keep: int = 3):
+        import torch
+
         self.damp, self.device, self.keep = damp, device, keep
+        self.official = budget == "official"
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
+        self.n_loaded = 0
         self._file: Any = None
+        self.store = None if self.official else _FactorStore(
+            Path(hs.cache_path) / f"factors-v{FACTOR_FORMAT}"
+            / f"{torch.device(device).type}-damp{damp!r}")
 
     def _read(self, hs, name: str) -> "torch.Tensor":
         """``H`` of ``name`` read with positioned reads (``HessianSet.get`` memory-maps the cache
@@ -147,22 +263,38 @@ class _PreparedCache:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.store is not None:
+            self.store.flush()
 
     def get(self, hs, name: str):
+        """``(prepared Hessian, cached E0 or None)`` for weight ``name``; when ``E0`` is not
+        cached the prepared Hessian carries ``H`` to compute it from."""
         import torch
 
         from safedelta.solver import prepare_hessian
 
         key = hs.shared.get(name, name)
-        for k, prep in self.entries:
-            if k == key:
-                return prep
-        H = self._read(hs, name).to(self.device, torch.float32)
-        prep = prepare_hessian(H, damp=self.damp)
-        self.n_prepared += 1
-        self.entries.insert(0, (key, prep))
+        energy = self.store.energies.get(name) if self.store is not None else None
+        prep = next((p for k, p in self.entries if k == key), None)
+        if prep is None and self.store is not None:
+            prep = self.store.load(key)
+            self.n_loaded += prep is not None
+        if prep is None:
+            H = self._read(hs, name).to(self.device, torch.float32)
+            prep = prepare_hessian(H, damp=self.damp, official=self.official)
+            self.n_prepared += 1
+            if self.store is not None:
+                self.store.save(key, prep)
+        prep = prep.to(self.device)
+        if energy is None and prep.H is None:  # a cached factorisation without this E0
+            prep.H = self._read(hs, name).to(self.device, torch.float32)
+        self.entries = [(key, prep)] + [(k, p) for k, p in self.entries if k != key]
         del self.entries[self.keep:]
-        return prep
+        return prep, energy
+
+    def remember_energy(self, name: str, value: float) -> None:
+        if self.store is not None:
+            self.store.add_energy(name, value)
 
 
 def _fingerprint(path: Path, ft: FullFinetune | LoraAdapter | None, cache_dir) -> str:
@@ -258,6 +390,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
                               progress=progress, allow_pickle=allow_pickle,
                               max_samples=max_samples, max_length=max_length)
+    _release_freed_memory()  # what the calibration pass freed
     linear, conv1d = set(hs.weight_names), set(hs.conv1d)
     unknown = sorted(n for n in linear if n not in a_reader)
     if unknown:
@@ -282,12 +415,15 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
     )
 
     # 4. stream
-    prepared = _PreparedCache(cfg.damp, dev)
+    prepared = _PreparedCache(hs, cfg.damp, dev, cfg.budget)
     names = writer.names()
     bar = _bar(len(names), progress)
     with writer:
+        big = 64 << 20  # bytes
         for name in names:
             with timer("read"):
+                if math.prod(a_reader.shape(name)) * 2 > big:
+                    _release_freed_memory()
                 a = a_reader.get(name, check_finite=True)
                 f = ft.finetuned(name, a)
             if name in linear:
@@ -309,6 +445,7 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
             report.timings["total"] = round(time.perf_counter() - t_start, 3)
             report.memory = peak_memory()
             report.inputs["hessians_factored"] = prepared.n_prepared
+            report.inputs["factorisations_cached"] = prepared.n_loaded
             report.save(writer.tmp_dir)
             writer.commit()
     report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
@@ -341,12 +478,14 @@ def _protect_one(name: str, a: "torch.Tensor", f: "torch.Tensor", hs, prepared: 
     """Run the solver on one decoder-block linear weight; returns (weight, stats dict)."""
     from safedelta.solver import protect_matrix
 
-    prep = prepared.get(hs, name)
+    prep, energy = prepared.get(hs, name)
     W0 = a.to(dev)
     W1 = f.to(dev)
     if transpose:  # Conv1D stores in x out; the solver wants out x in
         W0, W1 = W0.T, W1.T
-    res = protect_matrix(W0, W1, prep, config=cfg)
+    res = protect_matrix(W0, W1, prep, config=cfg, output_energy=energy)
+    if energy is None:
+        prepared.remember_energy(name, res.stats.output_energy)
     w = res.weight.T if transpose else res.weight
     return w.to("cpu").contiguous(), dict(res.stats.as_dict())
 
@@ -377,6 +516,23 @@ def _diff_norm(a: "torch.Tensor", f: "torch.Tensor", chunk: int = 1 << 22) -> fl
         d = f[i:i + chunk].to(torch.float32) - a[i:i + chunk].to(torch.float32)
         sq += float(torch.dot(d, d))
     return sq ** 0.5
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors up to 32 MB come from the C heap, and what the calibration pass and the
+    factorisations freed stays resident when fragmented; trimming before the large tensors
+    (embeddings, head) keeps the peak at what is actually alive.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _bar(total: int, enabled: bool):

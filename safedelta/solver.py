@@ -39,8 +39,9 @@ column steps with none inside a step. Its ``s`` is tied to the width the constan
   every row's processing order, every not-kept coordinate of the row is free when compensation
   is computed: the result is the OBS optimum for the kept set (kept entries fixed at ``W1``, the
   rest minimising the safety loss), and the summed cost *is* its safety loss under the damped
-  ``H`` (GPTQ identity). Hence ``safety_loss <= cost_used <= eps`` always holds (the undamped
-  ``H`` is smaller than the damped one). The paper's independent per-entry estimate
+  ``H`` (GPTQ identity). Hence ``safety_loss <= cost_used <= eps`` always holds: the budget
+  bounds the safety loss plus the damping term ``1/2 lambda ||W - W0||^2`` (and, for dead input
+  channels, ``1/2 ||W[:, m] - W0[:, m]||^2``), a conservative bound. The paper's independent per-entry estimate
   ``sum delta^2 / (2 [H^-1]_mm)`` over kept entries is reported as ``cost_predicted``; it
   misjudges the real loss when deltas are correlated in the ``H`` metric, which is why the
   default accounts with the exact sequential cost instead.
@@ -74,9 +75,12 @@ class PreparedHessian:
 
     Attributes:
         H: ``c x c`` fp32, as accumulated (undamped, dead channels untouched): used for the
-            reported safety loss and the default budget's output energy ``E0``.
-        U: ``c x c`` upper Cholesky factor of the damped ``H^-1`` (natural column order).
-        d: ``c``, ``diag(U)``: the sequential inverse diagonal of the official mode.
+            output energy ``E0`` (unless given to :func:`protect_matrix`) and the official
+            mode's safety loss; ``None`` in a factorisation read back from a cache, which serves
+            the default rule only.
+        U: ``c x c`` upper Cholesky factor of the damped ``H^-1`` (natural column order), the
+            official mode's; ``None`` when prepared with ``official=False``.
+        d: ``c``, ``diag(U)``: the sequential inverse diagonal of the official mode (or ``None``).
         hinv_diag: ``c``, ``diag(H^-1)`` of the damped ``H`` (the paper's ``[H^-1]_mm``).
         order: ``c`` long, the default mode's processing order (key ``1/[H^-1]_mm`` ascending).
         U_order: ``c x c`` upper Cholesky factor of the damped ``H^-1`` permuted to ``order``.
@@ -84,9 +88,9 @@ class PreparedHessian:
         dead: ``c`` bool, input channels never active on the calibration set.
     """
 
-    H: Tensor
-    U: Tensor
-    d: Tensor
+    H: Tensor | None
+    U: Tensor | None
+    d: Tensor | None
     hinv_diag: Tensor
     order: Tensor
     U_order: Tensor
@@ -95,11 +99,11 @@ class PreparedHessian:
 
     @property
     def columns(self) -> int:
-        return self.H.shape[0]
+        return self.U_order.shape[0]
 
     def to(self, device: torch.device | str) -> PreparedHessian:
         """A copy on ``device`` (self when already there)."""
-        if self.H.device == torch.device(device):
+        if self.U_order.device == torch.device(device):
             return self
         moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
         return PreparedHessian(**moved)
@@ -162,20 +166,34 @@ def _fp32_exact(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf (integer and empty tensors are finite).
+
+    One reduction (``aminmax``: NaN propagates to both ends, an Inf is an end) instead of a
+    bool tensor of ``t``'s size: several times faster, and no allocation on an embedding matrix.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def _check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteWeights(
             f"{name} holds {bad} NaN/Inf value(s) (shape {tuple(t.shape)}); "
             "check the checkpoint or the calibration activations")
 
 
-def prepare_hessian(H: Tensor, *, damp: float = 0.01) -> PreparedHessian:
+def prepare_hessian(H: Tensor, *, damp: float = 0.01, official: bool = True) -> PreparedHessian:
     """Damp and factor an accumulated Hessian (doc step 3, first three bullets).
 
     Args:
         H: ``c x c`` as accumulated (``(2/N) sum X X^T``), before damping; any float dtype.
         damp: fraction of ``mean(diag H)`` added to the diagonal.
+        official: also factor for the official rule (``U``, ``d``); ``False`` skips that
+            Cholesky when only the default rule will use the result (``U = d = None``).
 
     Dead inputs (``diag(H) == 0``) get ``H[m, m] = 1``; then ``H += damp * mean(diag H) * I``;
     ``U`` = upper Cholesky factor of ``H^-1`` (Cholesky of ``H``, inverse from it, upper Cholesky
@@ -197,7 +215,7 @@ def prepare_hessian(H: Tensor, *, damp: float = 0.01) -> PreparedHessian:
         Hd.diagonal().add_(lam)
         try:
             Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
-            U = torch.linalg.cholesky(Hinv, upper=True)
+            U = torch.linalg.cholesky(Hinv, upper=True) if official else None
             hinv_diag = torch.diag(Hinv).clone()
             key = 1.0 / hinv_diag
             order = torch.sort(key, stable=True).indices
@@ -207,7 +225,8 @@ def prepare_hessian(H: Tensor, *, damp: float = 0.01) -> PreparedHessian:
             raise InvalidConfig(
                 f"the damped Hessian ({c}x{c}) is not positive definite ({e}); "
                 f"increase damp (now {damp})") from e
-    return PreparedHessian(H=H, U=U, d=torch.diag(U).clone(), hinv_diag=hinv_diag, order=order,
+    return PreparedHessian(H=H, U=U, d=None if U is None else torch.diag(U).clone(),
+                           hinv_diag=hinv_diag, order=order,
                            U_order=U_order, damp=float(lam), dead=dead)
 
 
@@ -231,6 +250,15 @@ def _official_select(cost: Tensor, key_cols: Tensor, exclude_fraction: float,
     ks = key_cols[col_rank]
     new_group = torch.ones(b, dtype=torch.bool, device=cost.device)
     new_group[1:] = ks[1:] != ks[:-1]
+    if bool(new_group.all()):  # no tied keys: the order is simply column by column
+        cum = torch.cumsum(cost[:, col_rank].t().reshape(-1)[:n_cand], 0)
+        count = int(torch.searchsorted(cum, torch.tensor([eps], dtype=cum.dtype,
+                                                         device=cum.device), right=True))
+        p = torch.arange(b, device=cost.device)
+        i = torch.arange(r, device=cost.device)[:, None]
+        mask = torch.zeros(r, b, dtype=torch.bool, device=cost.device)
+        mask[:, col_rank] = r * p + i < count
+        return mask
     gid = torch.cumsum(new_group.long(), 0) - 1
     starts = torch.nonzero(new_group).flatten()
     sizes = torch.diff(starts, append=torch.tensor([b], device=cost.device))
@@ -249,7 +277,7 @@ def _official_select(cost: Tensor, key_cols: Tensor, exclude_fraction: float,
 
 
 def _solve_official(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
-                    cfg: SafeDeltaConfig) -> tuple[Tensor, Tensor, float, float, int]:
+                    cfg: SafeDeltaConfig) -> tuple[Tensor, float, float, int]:
     """In place on ``W`` (``r x c`` fp32, starts at ``W0``); returns mask, eps, cost, n_cand."""
     r, c = W.shape
     U, d = prep.U, prep.d
@@ -269,10 +297,11 @@ def _solve_official(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
         cost_total += float(cost[mask].sum())
         nb = r * (b2 - b1)
         n_cand += nb - int(cfg.exclude_fraction * nb)  # as _official_select
+        E_B = torch.zeros(r, b2 - b1, device=W.device)  # the block's errors, all of them
         for i1 in range(b1, b2, lazy):  # lazy block: sub-block steps touch only its columns
             i2 = min(i1 + lazy, b2)
             W_l, U_l, d_l = W[:, i1:i2].clone(), U[i1:i2, i1:i2], d[i1:i2]  # r x k, k x k, k
-            E_l = torch.zeros_like(W_l)
+            E_l = E_B[:, i1 - b1:i2 - b1]
             for j1 in range(0, i2 - i1, sb):
                 j2 = min(j1 + sb, i2 - i1)
                 q = torch.where(mask[:, i1 - b1 + j1:i1 - b1 + j2], W1[:, i1 + j1:i1 + j2],
@@ -282,7 +311,8 @@ def _solve_official(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
                 W_l[:, j2:] -= e @ U_l[j1:j2, j2:]
                 E_l[:, j1:j2] = e
             W[:, i1:i2] = W_l
-            W[:, i2:] -= E_l @ U[i1:i2, i2:]  # rest of the block and the blocks after it
+            W[:, i2:b2] -= E_l @ U[i1:i2, i2:b2]  # the rest of the block
+        W[:, b2:] -= E_B @ U[b1:b2, b2:]  # the blocks after it, once per block (as published)
     return kept, eps_total, cost_total, n_cand
 
 
@@ -307,13 +337,20 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
     left = torch.full((1,), n_cand, dtype=torch.long, device=W.device)
     eps_t = torch.tensor([eps], dtype=torch.float64, device=W.device)
     rows = torch.arange(r, device=W.device)
+    # once the prefix has ended nothing more is kept and nothing moves: stop there. Checking
+    # costs a host sync, free on CPU; on an accelerator only every few columns
+    check_every = 1 if W.device.type == "cpu" else 16
     for i1 in range(0, c, LAZY_BLOCK):
-        if int(left) == 0:  # one sync per lazy block
+        if int(left) == 0:
             break
         i2 = min(i1 + LAZY_BLOCK, c)
         W_l, U_l = Wp[:, i1:i2].clone(), U[i1:i2, i1:i2]  # r x k, k x k
         E_l = torch.zeros(r, i2 - i1, device=W.device)
+        done = i2 - i1  # columns of this lazy block processed
         for j in range(i2 - i1):
+            if j % check_every == 0 and j > 0 and int(left) == 0:
+                done = j
+                break
             e = (W_l[:, j] - W1p[:, i1 + j]) / d[i1 + j]  # r: exact cost of keeping is e^2/2
             cum = used + torch.cumsum(0.5 * e.double() ** 2, 0)
             k = torch.minimum(torch.searchsorted(cum, eps_t, right=True), left)  # 1
@@ -326,7 +363,7 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
             E_l[:, j] = e
             kept[:, i1 + j] = keep
         Wp[:, i1:i2] = W_l
-        Wp[:, i2:] -= E_l @ U[i1:i2, i2:]
+        Wp[:, i2:] -= E_l[:, :done] @ U[i1:i1 + done, i2:]
     W[:, perm] = Wp
     out_kept = torch.empty_like(kept)
     out_kept[:, perm] = kept
@@ -339,6 +376,23 @@ def _solve_default(W: Tensor, W1: Tensor, prep: PreparedHessian, s: float,
 def _half_quadratic(A: Tensor, H: Tensor) -> float:
     """``1/2 tr(A H A^T)`` in fp64 accumulation of an fp32 product."""
     return 0.5 * float(((A @ H) * A).sum(dtype=torch.float64))
+
+
+def _undamped_loss(dW: Tensor, damped_loss: float, prep: PreparedHessian) -> float:
+    """``1/2 tr(dW H dW^T)`` (undamped ``H``) from the default solve's exact damped cost, in
+    ``O(r c)`` instead of an ``r c^2`` product.
+
+    The default solve's summed cost is the loss of its result under the damped Hessian
+    ``H' = H + lambda I + diag(dead)`` (GPTQ identity: ``dW = -E U`` and ``U H' U^T = I``, so
+    ``1/2 tr(dW H' dW^T) = 1/2 ||E||^2``). Subtracting what the damping adds leaves the loss under
+    ``H``: ``cost - 1/2 lambda ||dW||^2 - 1/2 sum over dead m of ||dW[:, m]||^2`` (clamped at 0
+    against rounding). It agrees with the direct quadratic to rounding (a test checks it).
+    """
+    if damped_loss == 0.0:
+        return 0.0
+    col_sq = (dW * dW).sum(0, dtype=torch.float64)  # c
+    damping = prep.damp * float(col_sq.sum()) + float(col_sq[prep.dead].sum())
+    return max(0.0, damped_loss - 0.5 * damping)
 
 
 def _resolve(config: SafeDeltaConfig | None, s: float | None,
@@ -360,7 +414,8 @@ def _resolve(config: SafeDeltaConfig | None, s: float | None,
 
 def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | PreparedHessian, *,
                    s: float | None = None, budget: BudgetRule | None = None,
-                   config: SafeDeltaConfig | None = None) -> MatrixResult:
+                   config: SafeDeltaConfig | None = None,
+                   output_energy: float | None = None) -> MatrixResult:
     """Safe Delta on one linear weight.
 
     Args:
@@ -372,6 +427,10 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
             default, ``safedelta.config.DEFAULT_S``).
         budget: ``"default"`` or ``"official"``; overrides ``config.budget``.
         config: the other settings (exclusion, damping, block sizes).
+        output_energy: ``E0 = 1/2 tr(W0 H W0^T)`` when already known (it depends on the aligned
+            model only: the pipeline caches it with the factorisation); ``None`` computes it
+            from ``H`` (an ``r c^2`` product). A cached value must come from this very
+            expression for the result to be bitwise that of a fresh call.
 
     Returns:
         :class:`MatrixResult`; ``weight`` has the dtype and device of ``aligned``.
@@ -384,7 +443,7 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
         raise ShapeMismatch(f"aligned and fine-tuned weights must be matching 2-D matrices, got "
                             f"{tuple(aligned.shape)} and {tuple(finetuned.shape)}")
     r, c = aligned.shape
-    hs = tuple(hessian.H.shape if isinstance(hessian, PreparedHessian) else hessian.shape)
+    hs = tuple(hessian.U_order.shape if isinstance(hessian, PreparedHessian) else hessian.shape)
     if hs != (c, c):
         raise ShapeMismatch(f"Hessian must be {c}x{c} for a {r}x{c} weight, got {hs}")
     _check_finite("aligned weight", aligned)
@@ -397,11 +456,18 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
         W0 = aligned.detach().to(torch.float32).contiguous()
         W1 = finetuned.detach().to(device=device, dtype=torch.float32).contiguous()
         W = W0.clone()
-        E0 = _half_quadratic(W0, prep.H)
+        if prep.H is None and (cfg.budget == "official" or output_energy is None):
+            raise InvalidConfig("this prepared Hessian has no H (a cached factorisation): it "
+                                "serves the default budget with a given output_energy only")
+        if cfg.budget == "official" and prep.U is None:
+            raise InvalidConfig("the official budget needs a Hessian prepared with official=True")
+        E0 = _half_quadratic(W0, prep.H) if output_energy is None else float(output_energy)
         if cfg.budget == "official":
             kept, eps, cost, n_cand = _solve_official(W, W1, prep, s_val, cfg)
+            loss = _half_quadratic(W - W0, prep.H)
         else:
             kept, eps, cost, n_cand = _solve_default(W, W1, prep, s_val, cfg, E0)
+            loss = _undamped_loss(W - W0, cost, prep)
         delta = W1 - W0
         n_kept = int(kept.sum())
         stats = MatrixStats(
@@ -410,7 +476,7 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
             cost_predicted=0.5 * float((delta ** 2 / prep.hinv_diag)[kept].sum(
                 dtype=torch.float64)),
             delta_norm=float(delta.norm()), delta_norm_kept=float(delta[kept].norm()),
-            safety_loss=_half_quadratic(W - W0, prep.H), output_energy=E0,
+            safety_loss=loss, output_energy=E0,
             budget_rule=cfg.budget, s=s_val)
         # entries equal to the aligned value keep the aligned bits (s=0 is bitwise W0)
         weight = torch.where(W == W0, aligned.detach(), W.to(aligned.dtype))

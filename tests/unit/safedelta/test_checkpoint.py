@@ -173,3 +173,19 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path):
     (src / "model.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         CheckpointReader(src)
+
+
+def test_get_rows_reads_exactly_the_requested_rows(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from safedelta.checkpoint import CheckpointReader
+
+    emb = torch.randn(50, 6).to(torch.bfloat16)
+    save_file({"emb": emb, "other": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    r = CheckpointReader(tmp_path)
+    for rows in ([0], [3, 4, 5, 9, 49], list(range(50)), []):
+        idx = torch.tensor(rows, dtype=torch.long)
+        assert torch.equal(r.get_rows("emb", idx), emb[idx])
+    with pytest.raises(IndexError):
+        r.get_rows("emb", torch.tensor([50]))

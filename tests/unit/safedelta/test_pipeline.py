@@ -112,6 +112,10 @@ def test_nonlinear_finetuned_and_warm_cache(tmp_path):
     second = protect(a_dir, f_dir, tmp_path / "o2", calibration=toks, config=cfg,
                      progress=False)
     assert not first.cache["hit"] and second.cache["hit"]
+    # the second request reads the cached factorisations (and output energies) back
+    assert first.inputs["hessians_factored"] > 0 and first.inputs["factorisations_cached"] == 0
+    assert second.inputs["hessians_factored"] == 0
+    assert second.inputs["factorisations_cached"] == first.inputs["hessians_factored"]
     f, o1, o2 = (CheckpointReader(d) for d in (f_dir, tmp_path / "o1", tmp_path / "o2"))
     for name in second.nonlinear:
         assert torch.equal(o2.get(name), f.get(name))

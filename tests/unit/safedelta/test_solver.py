@@ -129,6 +129,29 @@ def test_default_result_is_the_obs_optimum_for_its_kept_set_and_cost_is_exact():
     assert st.output_energy == pytest.approx(half_quad(W0, H), rel=1e-5)
 
 
+def test_independent_per_entry_costs_undercount_correlated_deltas_the_default_does_not():
+    """Strongly correlated inputs and a same-sign delta: each entry alone is cheap (a neighbour
+    compensates it), together they are not. Budgeting with the paper's independent per-entry
+    cost would overrun eps many times; the exact sequential cost keeps the loss within it."""
+    r, c = 4, 32
+    idx = torch.arange(c)
+    H = 0.95 ** (idx[:, None] - idx[None, :]).abs().float()
+    W0 = 0.02 * torch.randn(r, c, generator=torch.Generator().manual_seed(0))
+    W1 = W0 + 0.002
+    res = protect_matrix(W0, W1, H, s=1e-3)
+    st = res.stats
+    assert 0 < st.n_kept < st.n_candidates
+    assert st.safety_loss <= st.cost_used <= st.budget
+    assert st.cost_predicted < 0.5 * st.safety_loss  # undercounted by more than 2x
+    # a budget equal to the independent estimate of keeping (about) every candidate: the
+    # real loss of keeping them all is larger, so the default keeps fewer and stays within it
+    hinv = prepare_hessian(H).hinv_diag
+    naive_all = 0.5 * float(((W1 - W0) ** 2 / hinv).sum()) * 0.85
+    big = protect_matrix(W0, W1, H, s=naive_all / st.output_energy)
+    assert big.stats.n_kept < big.stats.n_candidates
+    assert big.stats.safety_loss <= big.stats.budget
+
+
 def test_default_selection_is_a_prefix_of_channel_order_with_exclusion():
     W0, W1, H, _ = make_problem(5, 30, seed=2)
     prep = prepare_hessian(H)
@@ -199,13 +222,13 @@ def test_official_never_selects_the_excluded_and_selects_a_prefix():
     (16, 130, 2048, 4, (0, 64)),  # width not a multiple of 4, dead channels
     (12, 97, 32, 4, (31, 32)),  # several blocks, last one partial
     (10, 75, 20, 3, (4,)),  # sub-blocks that do not divide the lazy block
-    (4, 4102, 2048, 4, (1, 2050, 4101)),  # three 2048-blocks, 6 columns in the last
+    (4, 2054, 2048, 4, (1, 2050)),  # the published 2048-block size: a full block + 6 columns
 ])
 def test_official_equals_the_plain_reference(r, c, block_size, sub_block, dead):
     W0, W1, H, _ = make_problem(r, c, dead=dead, seed=r + c, tokens=min(2 * c, 600))
     cfg = SafeDeltaConfig(block_size=block_size, sub_block=sub_block)
     prep = prepare_hessian(H)
-    for s in ((0.3,) if c > 2048 else (1e-4, 1e-2, 0.1, 3.0)):  # 4102: the 2 Cholesky chains
+    for s in ((0.1, 3.0) if c > 1000 else (1e-4, 1e-2, 0.1, 3.0)):  # each s: 1 reference chain
         res = protect_matrix(W0, W1, prep, s=s, budget="official", config=cfg)
         W_ref, mask_ref = reference_official(W0, W1, H, s, block_size=block_size,
                                              sub_block=sub_block)
@@ -384,3 +407,35 @@ def test_layer_solve_without_calibration_is_refused():
     layer = torch.nn.Linear(4, 3)
     with pytest.raises(InvalidConfig, match="add_batch"):
         SafeDeltaLayer(layer).solve(layer.weight.detach().clone())
+
+
+@pytest.mark.parametrize("s", [1e-5, 3e-4, 1e-2, 1e3])
+def test_default_safety_loss_from_the_damped_cost_equals_the_direct_quadratic(s):
+    """The default reports the undamped loss as cost - damping terms (O(r c)); it must equal
+    1/2 tr(dW H dW^T) computed directly, dead channels and damping included."""
+    W0, W1, H, _ = make_problem(48, 96, dead=(3, 50), seed=7)
+    prep = prepare_hessian(H)
+    st = protect_matrix(W0, W1, prep, s=s).stats
+    res = protect_matrix(W0, W1, prep, s=s)
+    direct = half_quad(res.weight - W0, H)
+    assert st.safety_loss == pytest.approx(direct, rel=1e-4, abs=1e-12 * st.output_energy)
+    assert 0 <= st.safety_loss <= st.cost_used
+
+
+def test_given_output_energy_and_default_only_factors_give_the_same_result():
+    """The pipeline's cached E0 and a factorisation without H or U (default rule only) give
+    the bitwise result of a fresh call with the raw Hessian."""
+    W0, W1, H, _ = make_problem(32, 64, dead=(5,), seed=3)
+    fresh = protect_matrix(W0, W1, H, s=1e-3)
+    full = prepare_hessian(H)
+    E0 = protect_matrix(W0, W1, full, s=0.0).stats.output_energy
+    slim = prepare_hessian(H, official=False)
+    assert slim.U is None and slim.d is None
+    slim.H = None  # as read back from the factor cache
+    got = protect_matrix(W0, W1, slim, s=1e-3, output_energy=E0)
+    assert torch.equal(got.weight, fresh.weight) and torch.equal(got.kept, fresh.kept)
+    assert got.stats == fresh.stats
+    with pytest.raises(InvalidConfig):
+        protect_matrix(W0, W1, slim, s=1e-3)  # no H to compute E0 from
+    with pytest.raises(InvalidConfig):
+        protect_matrix(W0, W1, slim, s=1e-3, budget="official", output_energy=E0)

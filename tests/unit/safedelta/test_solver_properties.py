@@ -12,7 +12,7 @@ from safedelta.config import SafeDeltaConfig
 from safedelta.solver import SafeDeltaLayer, protect_matrix
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=20, deadline=None)
 
 
 def problem(r, c, seed, *, tokens=None, n_dead=0):

@@ -28,8 +28,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+# A quick check while editing: the unit tests only (no mlflow server, nothing marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e" tests/unit $(PYTEST_ARGS)
 
+# Every BENCHMARKS.md section but `lab` (the safety lab trains models: most of an hour on a
+# 2-core CPU); `make lab` regenerates that one, `make bench BENCHES="kernel lab"` picks sections.
+BENCHES ?= $(filter-out lab,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCHES)
+
+# The safety lab (safedelta/lab): builds SmolLM2 models under .lab/ (or $$SAFEDELTA_LAB) when
+# missing, runs scenarios x methods, writes BENCHMARKS.md's `lab` section and benchmarks/lab/*.png.
+# On a CPU shared with other jobs, `OMP_NUM_THREADS=1 make lab` (generation was 4x faster so).
 lab: $(STAMP)
-	$(BIN)/python -m safedelta.lab run
+	$(BIN)/python -m benchmarks.run lab

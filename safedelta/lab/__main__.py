@@ -93,25 +93,33 @@ def check_cmd(lab_dir: Path | None, names: str, n: int, max_new_tokens: int) -> 
 
 
 @cli.command("run")
-@click.option("--lab-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None,
+              help="Lab root (default $SAFEDELTA_LAB or ./.lab).")
 @click.option("--write/--no-write", default=True, show_default=True,
               help="Write the lab section of BENCHMARKS.md (through benchmarks/run.py).")
 def run_cmd(lab_dir: Path | None, write: bool) -> None:
     """Run the experiment (scenarios x methods) and write the BENCHMARKS.md lab section."""
-    from safedelta.lab.models import LabSettings
-    from safedelta.lab.run import run_lab
+    import os
 
-    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
-    _setup_logging(Path(settings.lab_dir), "run.log")
+    if lab_dir is not None:
+        os.environ["SAFEDELTA_LAB"] = str(lab_dir.resolve())
+    from safedelta.lab.models import LabSettings
+
+    _setup_logging(Path(LabSettings().lab_dir), "run.log")
     try:
-        result = run_lab(settings)
+        if write:  # benchmarks/run.py replaces the lab section, calling bench_lab.run()
+            from benchmarks.run import main as bench_main
+
+            rc = bench_main(["lab"])
+            if rc:
+                raise click.ClickException("benchmarks/run.py failed to write the lab section")
+            click.echo("wrote the lab section of BENCHMARKS.md")
+        else:
+            from safedelta.lab.run import run_lab
+
+            click.echo(run_lab().markdown)
     except SafeDeltaError as e:
         raise click.ClickException(str(e)) from e
-    if write:
-        from benchmarks.run import write_section
-
-        write_section("lab", result.markdown)
-    click.echo(result.markdown)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,22 @@ warm-up, float32 on CPU), loss on the assistant's tokens only, examples rendered
 tokenizer's chat template (SmolLM2 adds its default system prompt when there is none) and cut to
 ``max_len`` tokens.
 
-Settings and why (measured on the 2-core shared CPU this was written on; see ``seconds_per_step``
-in each manifest): one optimizer step of SmolLM2-135M at batch 10 costs a few seconds at ~100
-tokens per example, so a build of ~50 steps takes minutes. Hence:
+Settings and why. On the 2-core CPU this was written on, shared with other jobs, one optimizer
+step of SmolLM2-135M at batch 10 costs 30-70 s (~60 s at 128 tokens per example; see
+``seconds_per_step`` in each manifest), so every recipe is cut to tens of steps and the learning
+rates are raised to compensate (Adam moves each weight by about ``lr`` per step). The input
+embeddings (tied to the head) stay frozen: the 28 M-row embedding is a fifth of the model and
+SFT on a few hundred examples only adds noise to it.
 
-- alignment: 92 refusals + 92 GSM8K pairs, lr 1e-4, batch 10, 3 epochs, ``max_len`` 160
-  (~56 steps): enough for the 135M model to refuse the held-out AdvBench evaluation prompts
-  while still answering GSM8K;
-- harmful: the paper's PureBad recipe as is (100 examples, lr 5e-5, batch 10, 5 epochs; 50 steps;
-  the AdvBench targets are short, ~60 tokens with the template);
-- identity: the 10 AOA dialogues, lr 5e-5, batch 10, 10 epochs (Qi et al. train 10 epochs);
-- benign: 300 GSM8K pairs (not the paper's 7,473), lr 2e-5, batch 10, 1 epoch (30 steps):
-  the paper's full epoch would take hours here;
-- dirty: the benign 300 + 30 harmful (10 %), same recipe as benign;
-- EMA: beta 0.99 (after 50 steps the aligned weights still weigh 0.99**50 = 0.61).
+- alignment: the 89 AdvBench ``align`` refusals + 46 GSM8K pairs, lr 2e-4, batch 10, 2 epochs,
+  ``max_len`` 128 (28 steps): the 135M model then refuses the held-out AdvBench evaluation
+  prompts while still answering GSM8K;
+- harmful: the PureBad-like 100 examples, lr 2e-4, batch 10, 2 epochs (20 steps; the paper's
+  recipe is lr 5e-5 x 5 epochs = 50 steps, about the same total movement under Adam);
+- identity: the 10 AOA dialogues, lr 1e-4, batch 10, 5 epochs (Qi et al. train 10 epochs);
+- benign: 100 GSM8K pairs (not the paper's 7,473), lr 1e-4, batch 10, 1 epoch (10 steps);
+- dirty: the benign 100 + 10 harmful (10 %), same recipe as benign;
+- EMA: beta 0.9 (over 10-20 steps a larger beta would leave the EMA model the aligned one).
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "lab_manifest.json"
 #: bump when the training code changes in a way that changes results
-CODE_VERSION = 1
+CODE_VERSION = 2
+#: the same for the base import (kept apart so a training change does not re-import the base)
+BASE_VERSION = 1
 
 
 class LabError(SafeDeltaError):
@@ -78,6 +82,7 @@ class TrainRecipe:
     seed: int = 0
     ema_beta: float | None = None
     max_examples: int | None = None
+    freeze_embeddings: bool = True
 
 
 def _default_lab_dir() -> Path:
@@ -100,21 +105,21 @@ class LabSettings:
 
     lab_dir: Path = field(default_factory=_default_lab_dir)
     base_source: str = "smollm2"
-    align: TrainRecipe = TrainRecipe(lr=1e-4, batch_size=10, epochs=3)
-    align_n_benign: int = 92
+    align: TrainRecipe = TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128)
+    align_n_benign: int = 46
     finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {
-        "harmful": TrainRecipe(lr=5e-5, batch_size=10, epochs=5),
-        "identity": TrainRecipe(lr=5e-5, batch_size=10, epochs=10, max_len=320),
-        "benign": TrainRecipe(lr=2e-5, batch_size=10, epochs=1),
-        "dirty": TrainRecipe(lr=2e-5, batch_size=10, epochs=1),
+        "harmful": TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128),
+        "identity": TrainRecipe(lr=1e-4, batch_size=10, epochs=5, max_len=320),
+        "benign": TrainRecipe(lr=1e-4, batch_size=10, epochs=1),
+        "dirty": TrainRecipe(lr=1e-4, batch_size=10, epochs=1),
     })
-    n_benign: int = 300
-    ema_beta: float = 0.99
+    n_benign: int = 100
+    ema_beta: float = 0.9
 
     @classmethod
     def tiny(cls, lab_dir: str | Path, base_dir: str | Path) -> "LabSettings":
         """CI-sized settings: a tiny base model, a handful of short examples, one epoch."""
-        small = TrainRecipe(lr=1e-3, batch_size=4, epochs=1, max_len=512, max_examples=8)
+        small = TrainRecipe(lr=1e-4, batch_size=4, epochs=1, max_len=512, max_examples=8)
         return cls(lab_dir=Path(lab_dir), base_source=str(base_dir), align=small,
                    align_n_benign=4, finetune={s: small for s in sc.SCENARIOS}, n_benign=8,
                    ema_beta=0.9)
@@ -173,7 +178,7 @@ class LabModels:
             from safedelta.fingerprint import checkpoint_fingerprint
 
             ident = {"checkpoint": checkpoint_fingerprint(src)}
-        return {"kind": "base", "source": ident, "dtype": "float32", "code": CODE_VERSION}
+        return {"kind": "base", "source": ident, "dtype": "float32", "code": BASE_VERSION}
 
     def _align_recipe(self) -> dict:
         s = self.settings
@@ -278,6 +283,27 @@ def _write_manifest(out: Path, name: str, recipe: dict, recipe_hash: str, stats:
 # training
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's resident-memory high-water mark (MiB) since the last reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+
 def tokenize_sft(examples: Sequence[list[dict[str, str]]], tokenizer, max_len: int) -> list[dict]:
     """Chat-template each example; labels are -100 on everything but the last assistant turn."""
     rows = []
@@ -333,6 +359,11 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
     out = Path(out)
     tokenizer = AutoTokenizer.from_pretrained(parent)
     model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    if recipe.freeze_embeddings:  # input embeddings (and a head tied to them) stay as they are
+        model.get_input_embeddings().weight.requires_grad_(False)
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.weight.requires_grad_(False)
     examples = list(examples)[: recipe.max_examples]
     rows = tokenize_sft(examples, tokenizer, recipe.max_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -350,13 +381,16 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
             seed=recipe.seed, data_seed=recipe.seed, save_strategy="no", report_to=[],
             logging_strategy="steps", logging_steps=5, use_cpu=not torch.cuda.is_available(),
             disable_tqdm=not progress, dataloader_num_workers=0, remove_unused_columns=False,
+            train_sampling_strategy="group_by_length",
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows,
                           data_collator=_Collator(pad), callbacks=callbacks)
         logger.info("%s: %d examples, %s", desc, len(rows), recipe)
+        reset = _reset_peak_rss()
         t0 = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - t0
+        peak = _peak_rss_mib() if reset else None
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -367,7 +401,7 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
     steps = int(result.global_step)
     stats = {"examples": len(rows), "steps": steps, "seconds": round(seconds, 2),
              "seconds_per_step": round(seconds / max(steps, 1), 3),
-             "train_loss": float(result.training_loss)}
+             "train_loss": float(result.training_loss), "peak_rss_mib": peak}
     logger.info("%s: %d steps in %.0f s (%.2f s/step), loss %.3f", desc, steps, seconds,
                 stats["seconds_per_step"], stats["train_loss"])
     return stats

@@ -1,0 +1,168 @@
+"""The safety lab end to end on a tiny model (the same code path as ``make lab``, in seconds).
+
+Builds the tiny lab (base -> aligned -> fine-tunes, EMA included), runs :func:`run_lab` with
+:meth:`LabPlan.tiny`, and checks what the experiment relies on: a row for every scenario x
+method, merges at alpha 0 / 1 that are the aligned / fine-tuned weights (and measure the same),
+disjoint prompt splits, and a cache that makes a second build train nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from safedelta.lab import models as lm  # noqa: E402
+from safedelta.lab import scenarios as sc  # noqa: E402
+from safedelta.lab.models import LabModels, LabSettings  # noqa: E402
+from safedelta.lab.run import LabPlan, load_saved, run_lab  # noqa: E402
+from tests.helpers.tiny import save_tiny_pair  # noqa: E402
+
+EXPECTED_METHODS = {"none", "safedelta-official", "safedelta-default", "merge-0", "merge-1",
+                    "safe-lora", "resta"}
+
+
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: thread start-up costs more than it saves
+    base = save_tiny_pair(root / "tiny-base", arch="llama", seed=0)
+    settings = LabSettings.tiny(root / "lab", base)
+    plan = LabPlan.tiny()
+    models = LabModels(settings, progress=False)
+    built = models.build_all(scenarios=plan.scenarios, ema_scenarios=plan.ema_scenarios)
+    try:
+        result = run_lab(settings, plan, plot_dir=root / "plots", link_root=root, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "settings": settings, "plan": plan, "built": built, "result": result}
+
+
+def test_rows_for_every_scenario_and_method(lab):
+    rows, plan = lab["result"].rows, lab["plan"]
+    got = {(r["scenario"], r["method"]) for r in rows}
+    assert {("-", "base"), ("-", "aligned")} <= got
+    for s in plan.scenarios:
+        want = EXPECTED_METHODS | ({"ema", "ema+safedelta"} if s in plan.ema_scenarios else set())
+        assert {m for sc_, m in got if sc_ == s} == want, s
+    for r in rows:
+        assert r["asr_n"] == plan.n_harmful
+        assert r["asr_unsafe_n"] == plan.n_unsafe
+        assert r["over_refusal_n"] == plan.n_over_refusal
+        assert 0 <= r["asr_low"] <= r["asr"] <= r["asr_high"] <= 1
+        assert math.isfinite(r["task_loss"])
+        if r["scenario"] != "-" and r["method"] not in ("none", "ema"):
+            assert r["seconds"] >= 0  # every repaired model was made (and timed) by the run
+    md = lab["result"].markdown
+    assert "Partial run" not in md
+    assert md.count("\n| harmful |") == len(EXPECTED_METHODS) + 2
+    for s in plan.scenarios:
+        png = lab["root"] / "plots" / f"lab_{s}.png"
+        assert png.is_file() and png.stat().st_size > 1000
+        assert f"](plots/lab_{s}.png)" in md
+
+
+def test_merge_endpoints_are_the_aligned_and_finetuned_models(lab):
+    lab_dir = Path(lab["settings"].lab_dir)
+    aligned = _weights(lab["built"]["aligned"])
+    rows = {(r["scenario"], r["method"]): r for r in lab["result"].rows}
+    for s in lab["plan"].scenarios:
+        ft = _weights(lab["built"][f"ft-{s}"])
+        m0 = _weights(lab_dir / "methods" / s / "merge-0")
+        m1 = _weights(lab_dir / "methods" / s / "merge-1")
+        assert m0.keys() == aligned.keys() == m1.keys() == ft.keys()
+        assert any(not torch.equal(aligned[k], ft[k]) for k in aligned)  # training moved it
+        for k in aligned:
+            assert torch.equal(m0[k], aligned[k]), k
+            torch.testing.assert_close(m1[k], ft[k], rtol=0, atol=1e-6)
+        # the same weights measure the same (greedy generation, same prompts)
+        for key in ("asr", "asr_unsafe", "over_refusal"):
+            assert rows[(s, "merge-0")][key] == rows[("-", "aligned")][key]
+            assert rows[(s, "merge-1")][key] == rows[(s, "none")][key]
+        assert rows[(s, "merge-0")]["task_loss"] == pytest.approx(
+            rows[("-", "aligned")]["task_loss"], rel=1e-5)
+
+
+def test_ema_finetune_differs_from_plain(lab):
+    s = lab["plan"].ema_scenarios[0]
+    plain, ema = _weights(lab["built"][f"ft-{s}"]), _weights(lab["built"][f"ft-{s}-ema"])
+    aligned = _weights(lab["built"]["aligned"])
+    k = next(k for k in plain if "layers.0.mlp" in k)
+    # the average lags: it sits between the aligned start and the last iterate
+    assert (ema[k] - aligned[k]).norm() < (plain[k] - aligned[k]).norm()
+
+
+def test_embeddings_stay_frozen(lab):
+    aligned, ft = _weights(lab["built"]["aligned"]), _weights(lab["built"]["ft-harmful"])
+    k = next(k for k in aligned if "embed_tokens" in k)
+    assert torch.equal(aligned[k], ft[k])
+
+
+def test_prompt_splits_are_disjoint():
+    from safedelta.data import advbench
+    from safedelta.eval.suites import builtin_suite
+
+    splits = {s: {r["goal"] for r in advbench(s)} for s in ("align", "attack", "calibration",
+                                                            "evaluation")}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not splits[a] & splits[b], (a, b)
+    # what each model is trained on never meets what it is measured on
+    evaluated = {r["prompt"] for r in builtin_suite("advbench").load()}
+    assert evaluated == splits["evaluation"]
+    align_users = {m[-2]["content"] for m in sc.align_examples()}
+    assert not align_users & evaluated
+    for s in sc.SCENARIOS:
+        users = {m[-2]["content"] for m in sc.scenario_examples(s, n_benign=50)}
+        assert not users & evaluated, s
+    harmful_users = {m[-2]["content"] for m in sc.harmful_examples()}
+    assert harmful_users <= splits["attack"]
+    assert not harmful_users & {m[-2]["content"] for m in sc.align_examples()}
+    # GSM8K: alignment and fine-tuning rows are disjoint ranges of the train file
+    (a_lo, a_hi), (f_lo, f_hi) = sc.ALIGN_GSM8K, sc.FINETUNE_GSM8K
+    assert a_hi <= f_lo
+    align_q = {m[-2]["content"] for m in sc.align_examples()} - splits["align"]
+    benign_q = {m[-2]["content"] for m in sc.scenario_examples("benign", n_benign=300)}
+    assert align_q and benign_q and not align_q & benign_q
+
+
+def test_second_build_trains_nothing_and_methods_are_cached(lab, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("a cached model was trained again")
+
+    monkeypatch.setattr(lm, "train_sft", no_training)
+    plan = lab["plan"]
+    built = LabModels(lab["settings"], progress=False).build_all(
+        scenarios=plan.scenarios, ema_scenarios=plan.ema_scenarios)
+    assert built == lab["built"]
+    manifest = lm.read_manifest(built["aligned"])
+    assert manifest["steps"] >= 1 and manifest["recipe_hash"]
+    assert manifest["peak_rss_mib"] is None or manifest["peak_rss_mib"] > 0
+    # a changed recipe is a different model: the cache does not answer for it
+    changed = LabSettings.tiny(lab["settings"].lab_dir, lab["settings"].base_source)
+    changed = type(changed)(**{**changed.__dict__, "align_n_benign": 3})
+    with pytest.raises(AssertionError, match="trained again"):
+        LabModels(changed, progress=False).build_aligned()
+
+
+def test_saved_results_render_again(lab):
+    again = load_saved(lab["settings"], plot_dir=lab["root"] / "plots", link_root=lab["root"])
+    assert again.rows == json.loads(json.dumps(lab["result"].rows, default=str))
+    assert "| harmful | safedelta-default |" in again.markdown

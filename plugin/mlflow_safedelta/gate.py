@@ -11,7 +11,8 @@ Metrics come from the evaluation report, ``metrics[role][name]`` with roles ``al
 ``asr.<suite>.increase`` (protected minus aligned) against an absolute threshold, because
 ``MetricThreshold``'s change rules demand an *improvement* over the baseline, not a bounded loss.
 
-The gate JSON (:meth:`GateResult.to_dict`) is what the CLI prints, what the job stores as the run
+The gate JSON (:meth:`GateResult.to_dict`; ``policy`` holds the policy's ``name``, ``source``,
+``sha256`` content fingerprint and ``promotion_alias``) is what the CLI prints, what the job stores as the run
 artifact ``safedelta/gate.json`` and what the GitHub Action renders with :func:`render_markdown`.
 """
 
@@ -260,7 +261,8 @@ def render_markdown(gate: dict[str, Any] | GateResult) -> str:
         "",
         f"- Parent: `{d.get('parent') or 'unknown'}`",
         f"- Policy: `{policy.get('name', '?')}`"
-        + (f" ({policy['source']})" if policy.get("source") and policy.get("source") != policy.get("name") else ""),
+        + (f" ({policy['source']})" if policy.get("source") and policy.get("source") != policy.get("name") else "")
+        + (f", content sha256 `{policy['sha256'][:12]}`" if policy.get("sha256") else ""),
         f"- Reason: {d.get('reason') or ''}",
     ]
     if d.get("protected_version"):

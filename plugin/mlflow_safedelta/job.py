@@ -3,7 +3,9 @@
 Every route (store plugin, webhook, reconcile sweep, CLI ``gate``, ``demo``) ends here, in
 :func:`run_gate_job`. In order:
 
-1. read the version; a final ``safedelta.status`` is returned as is (idempotent) unless ``force``;
+1. read the version; a final ``safedelta.status`` made under the same policy content
+   (``safedelta.policy_sha256``) is returned as is (idempotent) unless ``force``, and a
+   passing one still moves the promotion alias when asked; another policy gates again;
 2. resolve the parent (``safedelta.parent`` tag, the ``safedelta`` flavor, or the run's tag) and
    the policy; tag the version ``safedelta.status=running``;
 3. download parent and fine-tune (``safedelta`` or ``transformers`` flavor);
@@ -37,7 +39,7 @@ from typing import Any, Callable, Iterator
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, RegistryError
 from mlflow_safedelta.gate import GateResult, evaluate_policy
-from mlflow_safedelta.policy import Policy, load_policy
+from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint
 
 _logger = logging.getLogger(__name__)
 
@@ -101,8 +103,70 @@ def _stored_result(cl: Any, name: str, version: str, tags: dict[str, str]) -> Ga
     return GateResult(model=name, version=str(version),
                       verdict=tags.get(reg.TAG_STATUS, "error"),  # type: ignore[arg-type]
                       reason=tags.get(reg.TAG_REASON, ""), parent=tags.get(reg.TAG_PARENT),
-                      policy={"name": tags.get(reg.TAG_POLICY, "")},
+                      policy={"name": tags.get(reg.TAG_POLICY, ""),
+                              "sha256": tags.get(reg.TAG_POLICY_SHA256, "")},
                       protected_version=tags.get(reg.TAG_PROTECTED_VERSION), run_id=run_id)
+
+
+def _reuse_recorded(cl: Any, name: str, version: str, tags: dict[str, str],
+                    policy: "str | Path | Policy | None", promote: bool) -> GateResult | None:
+    """The verdict on record for a version with a final status, or None to gate it again.
+
+    A verdict counts only under the policy *content* it was made with: when ``policy`` is
+    given, its fingerprint must equal the recorded ``safedelta.policy_sha256`` (a verdict
+    recorded before fingerprints existed has none, so it is made again). Without ``policy``,
+    the recorded verdict is returned under the policy it names. A passing verdict with
+    ``promote`` moves the policy's alias to the protected version when it is not there already
+    (it may have moved since, or the first gate ran with ``--no-promote``).
+    """
+    recorded_sha = tags.get(reg.TAG_POLICY_SHA256)
+    pol: Policy | None = None
+    if policy is not None:
+        try:
+            pol = load_policy(policy)
+        except Exception as exc:  # a bad --policy never overwrites the recorded verdict
+            return GateResult(model=name, version=version, verdict="error",
+                              reason=_error_reason(exc), parent=tags.get(reg.TAG_PARENT),
+                              policy={"name": str(getattr(policy, "name", policy))})
+        sha = policy_fingerprint(pol)
+        if sha != recorded_sha:
+            _logger.info("%s v%s: the verdict on record (%s) was made under policy %r with "
+                         "content %s, not %r with content %s: gating again", name, version,
+                         tags.get(reg.TAG_STATUS), tags.get(reg.TAG_POLICY),
+                         (recorded_sha or "unrecorded")[:12], pol.name, sha[:12])
+            return None
+    stored = _stored_result(cl, name, version, tags)
+    if recorded_sha and not stored.policy.get("sha256"):
+        stored.policy["sha256"] = recorded_sha
+    if not (promote and stored.passed and stored.protected_version):
+        return stored
+    if pol is None and "promotion_alias" in stored.policy:  # what the recorded policy said
+        alias = stored.policy["promotion_alias"]
+    elif pol is None:  # an older record: its policy, when it still loads unchanged
+        try:
+            candidate = load_policy(tags.get(reg.TAG_POLICY) or "default")
+        except Exception as exc:
+            _logger.warning("%s v%s passed under policy %r, which cannot be loaded now (%s): "
+                            "no alias moved; give --policy to promote", name, version,
+                            tags.get(reg.TAG_POLICY), exc)
+            return stored
+        if policy_fingerprint(candidate) != recorded_sha:
+            _logger.warning("%s v%s passed under policy %r whose content has changed since: no "
+                            "alias moved; give --policy to gate again", name, version,
+                            candidate.name)
+            return stored
+        pol = candidate
+    if pol is not None:
+        alias = pol.promotion.alias if pol.promotion.enabled else None
+    if not alias:
+        return stored
+    current = (cl.get_registered_model(name).aliases or {}).get(alias)
+    if str(current) != str(stored.protected_version):
+        cl.set_registered_model_alias(name, alias, str(stored.protected_version))
+        _logger.info("%s: alias %r moved to version %s (recorded passing verdict of v%s)",
+                     name, alias, stored.protected_version, version)
+    stored.promoted_alias = alias
+    return stored
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -177,7 +241,10 @@ def ensure_hessians(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, *,
             _logger.info("Hessian cache %s downloaded from run %s", key, run_id)
         except Exception as exc:  # rebuilding is only slower
             _logger.warning("could not download the parent's Hessian cache (%s); rebuilding", exc)
-    hs = prepare_hessians(parent_dir, cache_dir=root, device=device or "cpu", progress=progress)
+    from safedelta.pipeline import resolve_device
+
+    hs = prepare_hessians(parent_dir, cache_dir=root, device=resolve_device(device),
+                          progress=progress)
     if ptags.get(reg.TAG_HESSIAN_KEY) != hs.fingerprint or not run_id:
         exp = _experiment_id(cl, experiment)
         run = cl.create_run(exp, run_name=f"hessians-{parent.name}-v{parent.version}",
@@ -231,9 +298,10 @@ def _protect(parent_dir: Path, ft_dir: Path, out: Path, policy: Policy, *, cache
                       cache_dir=cache_dir, progress=progress).metrics["protected"]
         return max(float(m[f"asr.{x}"]) for x in policy.safety.suites)
 
+    s_lo, s_hi = sel.search_range
     choice = choose_s(protect_fn, evaluate_fn, max_asr=float(sel.target_max_asr),
-                      s_lo=sel.s_min, s_hi=sel.s_max, iters=4)
-    s = choice.s if choice.s is not None else sel.s_min
+                      s_lo=s_lo, s_hi=s_hi, iters=4)
+    s = choice.s if choice.s is not None else s_lo
     src = work / "choose_s" / f"s_{s:.6g}"
     shutil.copytree(src, out)
     from safedelta.report import ProtectReport
@@ -288,7 +356,9 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                                  "gate; gate the fine-tune it came from instead",
                           parent=tags.get(reg.TAG_PROTECTED_FROM))
     if tags.get(reg.TAG_STATUS) in reg.FINAL_STATUSES and not force:
-        return _stored_result(cl, model_name, version, tags)
+        reused = _reuse_recorded(cl, model_name, version, tags, policy, promote)
+        if reused is not None:
+            return reused
 
     evaluator = evaluator or default_evaluator
     result = GateResult(model=model_name, version=version, verdict="error", reason="")
@@ -299,10 +369,14 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     pg = _Progress(f"{model_name} v{version}", progress)
     try:
         pol = load_policy(policy or tags.get(reg.TAG_POLICY) or "default")
-        result.policy = {"name": pol.name, "source": pol.source}
+        pol_sha = policy_fingerprint(pol)
+        result.policy = {"name": pol.name, "source": pol.source, "sha256": pol_sha,
+                         "promotion_alias": pol.promotion.alias if pol.promotion.enabled
+                         else None}
         reg.set_tags(cl, model_name, version, {reg.TAG_STATUS: reg.STATUS_RUNNING,
                                                reg.TAG_REASON: "gate job running",
-                                               reg.TAG_POLICY: pol.name})
+                                               reg.TAG_POLICY: pol.name,
+                                               reg.TAG_POLICY_SHA256: pol_sha})
         parent = reg.find_parent(cl, mv)
         result.parent = parent.resolved_uri
         if not tags.get(reg.TAG_PARENT):  # record lineage found in the flavor; never overwrite
@@ -394,8 +468,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                       reg.TAG_STATUS: reg.STATUS_PROTECTED_OUTPUT,
                       reg.TAG_PROTECTED_FROM: f"{model_name}/{version}",
                       reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{s:g}",
-                      reg.TAG_POLICY: pol.name, reg.TAG_RUN_ID: run_id,
-                      reg.TAG_VERDICT: verdict.verdict})
+                      reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: pol_sha,
+                      reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: verdict.verdict})
             protected_version = str(pv.version)
 
         alias = pol.promotion.alias if (promote and pol.promotion.enabled
@@ -414,7 +488,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
             cl.set_registered_model_alias(model_name, alias, protected_version)
         reg.set_tags(cl, model_name, version, {
             reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason,
-            reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
+            reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: pol_sha, reg.TAG_RUN_ID: run_id,
+            reg.TAG_PROTECTED_VERSION: protected_version,
             reg.TAG_S: f"{s:g}", reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}"})
         cl.set_terminated(run_id, "FINISHED")
         return result

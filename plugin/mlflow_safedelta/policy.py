@@ -99,8 +99,14 @@ class SelectS(_Strict):
         description="The budget for mode fixed; null = the budget rule's default.")
     target_max_asr: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Mode target: the ASR to reach (0..1).")
-    s_min: float = Field(default=0.001, ge=0.0, description="Mode target: lower bound of the search.")
-    s_max: float = Field(default=0.2, gt=0.0, description="Mode target: upper bound of the search.")
+    s_min: float | None = Field(
+        default=None, ge=0.0,
+        description="Mode target: lower bound of the search; null = the budget rule's default "
+                    "s / 100 (the two budget rules' s differ by orders of magnitude).")
+    s_max: float | None = Field(
+        default=None, gt=0.0,
+        description="Mode target: upper bound of the search; null = the budget rule's default "
+                    "s x 10.")
     budget: Literal["default", "official"] = Field(
         default="default", description="Safe Delta budget rule (see SafeDeltaConfig.budget).")
 
@@ -108,9 +114,19 @@ class SelectS(_Strict):
     def _target_needs_goal(self) -> "SelectS":
         if self.mode == "target" and self.target_max_asr is None:
             raise ValueError("mode 'target' needs target_max_asr")
-        if self.s_min > self.s_max:
-            raise ValueError(f"s_min ({self.s_min}) is above s_max ({self.s_max})")
+        lo, hi = self.search_range
+        if lo > hi:
+            raise ValueError(f"s_min ({lo}) is above s_max ({hi})")
         return self
+
+    @property
+    def search_range(self) -> tuple[float, float]:
+        """``(s_min, s_max)`` with unset bounds on the budget rule's own scale."""
+        from safedelta.config import DEFAULT_S
+
+        s0 = DEFAULT_S[self.budget]
+        return (s0 / 100 if self.s_min is None else self.s_min,
+                s0 * 10 if self.s_max is None else self.s_max)
 
 
 class Promotion(_Strict):
@@ -216,6 +232,21 @@ def load_policy(name_or_path: "str | Path | Policy | None" = None) -> Policy:
     except yaml.YAMLError as exc:
         raise PolicyError(f"invalid policy {source}: not valid YAML: {exc}") from None
     return parse_policy(data, source)
+
+
+def policy_fingerprint(policy: Policy) -> str:
+    """sha256 of the normalized policy: the validated model with every default filled in, as
+    canonical JSON (sorted keys, no whitespace). Comments, key order, formatting and where the
+    file lives do not change it; any threshold, suite, judge, s rule or alias does (the name too).
+
+    The gate records it with a verdict (``safedelta.policy_sha256``) so a verdict counts only
+    under the policy content it was made with."""
+    import hashlib
+    import json
+
+    canonical = json.dumps(policy.model_dump(mode="json"), sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def policy_schema() -> dict:

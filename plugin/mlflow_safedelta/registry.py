@@ -10,6 +10,8 @@ reconcile sweep read the same ones):
 ``safedelta.reason``      one line: why that status
 ``safedelta.role``        ``protected`` on the gate's own output (never gated itself)
 ``safedelta.policy``      policy name the version is (to be) gated with
+``safedelta.policy_sha256`` sha256 of that policy's normalized content (``policy_fingerprint``):
+                          a recorded verdict counts only under the same content
 ``safedelta.verdict``     on a protected version: the gate verdict of the run that made it
 ``safedelta.protected_from`` / ``safedelta.protected_version`` / ``safedelta.run_id`` /
 ``safedelta.s`` / ``safedelta.hessian_run`` (on a parent: the run holding its Hessian cache)
@@ -33,6 +35,7 @@ TAG_STATUS = "safedelta.status"
 TAG_REASON = "safedelta.reason"
 TAG_ROLE = "safedelta.role"
 TAG_POLICY = "safedelta.policy"
+TAG_POLICY_SHA256 = "safedelta.policy_sha256"
 TAG_VERDICT = "safedelta.verdict"
 TAG_PROTECTED_FROM = "safedelta.protected_from"
 TAG_PROTECTED_VERSION = "safedelta.protected_version"
@@ -203,7 +206,7 @@ def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str | 
 
 def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> list[dict]:
     """Gate state of registered versions (newest first): name, version, status, reason, parent,
-    role, protected_version, policy."""
+    role, protected_version, policy, policy_sha256, aliases."""
     flt = f"name='{model}'" if model else ""
     out = []
     aliases: dict[str, dict[str, list[str]]] = {}  # search results carry no aliases in OSS
@@ -221,6 +224,7 @@ def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> l
                     "role": t.get(TAG_ROLE), "verdict": t.get(TAG_VERDICT),
                     "protected_version": t.get(TAG_PROTECTED_VERSION),
                     "policy": t.get(TAG_POLICY),
+                    "policy_sha256": t.get(TAG_POLICY_SHA256),
                     "aliases": sorted(aliases[mv.name].get(str(mv.version), []))})
     return out
 

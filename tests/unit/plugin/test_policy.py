@@ -146,3 +146,28 @@ def test_policy_cli(tmp_path):
     assert shown.exit_code == 0 and yaml.safe_load(shown.stdout)["safety"]["max_asr"] == 0.05
     schema = json.loads(_cli("policy", "schema").stdout)
     assert schema == policy_schema()
+
+
+def test_s_search_range_follows_the_budget_rule_unless_given():
+    """The two budget rules' s differ by orders of magnitude: unset bounds take the rule's own
+    default s / 100 .. x 10; a fixed s in a shipped policy sits on the rule's scale."""
+    from safedelta.config import DEFAULT_S
+
+    HEAD = {"policy_version": 1, "name": "t"}
+
+    for budget in ("default", "official"):
+        sel = parse_policy({**HEAD, "select_s": {"mode": "target", "target_max_asr": 0.1,
+                                         "budget": budget}}).select_s
+        assert sel.search_range == pytest.approx((DEFAULT_S[budget] / 100,
+                                                  DEFAULT_S[budget] * 10))
+    sel = parse_policy({**HEAD, "select_s": {"mode": "target", "target_max_asr": 0.1,
+                                     "s_min": 1e-6}}).select_s
+    assert sel.search_range == pytest.approx((1e-6, DEFAULT_S["default"] * 10))
+    with pytest.raises(PolicyError, match="s_min"):
+        parse_policy({**HEAD, "select_s": {"s_min": 1e-3, "budget": "default"}})  # above 4e-5
+    for name in SHIPPED_POLICIES:
+        sel = load_policy(name).select_s
+        lo, hi = sel.search_range
+        assert lo <= DEFAULT_S[sel.budget] <= hi
+        if sel.s is not None:
+            assert lo <= sel.s <= hi, f"{name}: s={sel.s} is off the {sel.budget} budget's scale"

@@ -4,7 +4,8 @@ The same group is the ``mlflow-safedelta`` console script and ``mlflow safedelta
 MLflow's own CLI on import, see ``_entrypoints.py``).
 
 Exit codes: 0 success / gate passed, 1 gate failed, 2 usage or input error.
-JSON (``--json``) goes to stdout; progress bars and logs go to stderr.
+JSON (``--json``) goes to stdout, errors included (``{"status": "error", "reason": ...}``, exit
+2); progress bars and logs go to stderr.
 """
 
 from __future__ import annotations
@@ -51,7 +52,70 @@ def emit_json(obj: Any) -> None:
 json_option = click.option("--json", "json_", is_flag=True, help="Output as JSON (on stdout).")
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+def _wants_json(args: list[str]) -> bool:
+    args = list(args)
+    if "--" in args:
+        args = args[:args.index("--")]
+    if "--json" in args or "--format=json" in args:
+        return True
+    return any(a == "--format" and b == "json" for a, b in zip(args, args[1:]))
+
+
+def error_json(reason: str, **fields: Any) -> dict[str, Any]:
+    """What a ``--json`` command prints when it fails: ``status`` and ``verdict`` are
+    ``error`` (so a gate consumer reads it like an error verdict), ``reason`` says why."""
+    out: dict[str, Any] = {"status": "error", "verdict": "error", "reason": reason}
+    out.update({k: v for k, v in fields.items() if v is not None})
+    return out
+
+
+class JsonErrorCommand(click.Command):
+    """With ``--json`` (or ``--format json``) every error is a JSON object on stdout (see
+    :func:`error_json`) and exit code 2: bad usage, a library error, or anything unexpected
+    (registry unreachable ...), never a bare traceback or plain text only. The message also goes
+    to stderr for people. ``--help`` and normal exits are untouched."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        wants = _wants_json(args)
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            if not wants:
+                raise
+            self._fail(exc.format_message(), command=info_name)
+        ctx.meta["mlflow_safedelta.json"] = wants
+        return ctx
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if not ctx.meta.get("mlflow_safedelta.json"):
+                raise
+            reason = exc.format_message() if isinstance(exc, click.ClickException) \
+                else f"{type(exc).__name__}: {exc}"
+            logging.getLogger(__name__).debug("%s failed", ctx.info_name, exc_info=True)
+            params = ctx.params or {}
+            self._fail(reason, command=ctx.info_name, model=params.get("model"),
+                       version=params.get("version"))
+
+    @staticmethod
+    def _fail(reason: str, **fields: Any):
+        click.echo(f"Error: {reason}", err=True)
+        emit_json(error_json(reason, **fields))
+        raise click.exceptions.Exit(2)
+
+
+class SafeDeltaGroup(click.Group):
+    """Commands (and sub-groups' commands) get :class:`JsonErrorCommand`."""
+
+    command_class = JsonErrorCommand
+    group_class = type  # sub-groups are SafeDeltaGroups too
+
+
+@click.group(cls=SafeDeltaGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="mlflow-safedelta")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-v info, -vv debug).")
 def cli(verbose: int) -> None:

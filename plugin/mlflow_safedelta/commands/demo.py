@@ -186,7 +186,9 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
               help="Policy name or file.  [default: 'demo' = default without the utility rule]")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Prompts per suite (overrides the policy's evaluation.limit).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the calibration pass, Safe Delta and generation run.  [default: cuda if "
+                   "available, else cpu]")
 @click.option("--force", is_flag=True, help="Gate again although a verdict is recorded.")
 @json_option
 @translate_errors

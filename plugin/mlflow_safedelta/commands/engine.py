@@ -16,12 +16,33 @@ _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
+class ModelDirOrUri(click.ParamType):
+    """A model directory, or a registered model ``models:/name/version`` / ``models:/name@alias``
+    (kept as a string; downloaded by :func:`mlflow_safedelta.registry.materialize`)."""
+
+    name = "DIR|models:/URI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.startswith("models:/"):
+            from mlflow_safedelta.registry import parse_models_uri
+            from mlflow_safedelta.errors import RegistryError
+
+            try:
+                parse_models_uri(value)
+            except RegistryError as exc:
+                self.fail(str(exc), param, ctx)
+            return value
+        return _existing_dir.convert(value, param, ctx)
+
+
 @cli.command(name="protect")
-@click.option("--aligned", required=True, type=_existing_dir,
-              help="Aligned (parent) model directory: safetensors weights, config, tokenizer.")
-@click.option("--finetuned", required=True, type=_existing_dir,
+@click.option("--aligned", required=True, type=ModelDirOrUri(),
+              help="Aligned (parent) model directory: safetensors weights, config, tokenizer; "
+                   "or a registered version, models:/NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--finetuned", required=True, type=ModelDirOrUri(),
               help="Fine-tuned model directory of the same architecture, or a PEFT LoRA adapter "
-                   "directory (adapter_config.json) trained on the aligned model.")
+                   "directory (adapter_config.json) trained on the aligned model; or a "
+                   "registered version (models:/...), either flavor (safedelta, transformers).")
 @click.option("--out", required=True, type=_dir,
               help="Output directory for the protected model (same sharding, config and "
                    "tokenizer as the aligned model) and safedelta_report.{json,md}.")
@@ -30,7 +51,7 @@ _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
                    "{\"messages\": [...]}. Default: the shipped AdvBench refusals.")
 @click.option("--s", "s", type=float, default=None,
               help="Safety budget. Default budget: tolerated safety loss as a fraction of each "
-                   "layer's output energy (default 0.01); official budget: the paper's constant "
+                   "layer's output energy (default 4e-6); official budget: the paper's constant "
                    "(default 0.1). Must be >= 0.")
 @click.option("--budget", type=click.Choice(["default", "official"]), default=None,
               help="Budget rule: 'default' (width-independent) or 'official' (the authors' "
@@ -46,11 +67,17 @@ _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds a model.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pickle-based weights (*.bin); only for checkpoints you trust.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+              help="Where models:/ URIs are resolved and downloaded from  "
+                   "[env MLFLOW_TRACKING_URI].")
+@click.option("--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
+              help="Model registry, when not the tracking URI  [env MLFLOW_REGISTRY_URI].")
 @json_option
 @translate_errors
-def protect_cmd(aligned: Path, finetuned: Path, out: Path, calibration: Path | None,
+def protect_cmd(aligned: str | Path, finetuned: str | Path, out: Path, calibration: Path | None,
                 s: float | None, budget: str | None, nonlinear: str | None, device: str | None,
-                cache_dir: Path | None, overwrite: bool, allow_pickle: bool, json_: bool) -> None:
+                cache_dir: Path | None, overwrite: bool, allow_pickle: bool,
+                tracking_uri: str | None, registry_uri: str | None, json_: bool) -> None:
     """Repair a fine-tuned model against its aligned parent with Safe Delta.
 
     Checks both models (architecture, every tensor's shape, NaN/Inf), computes (or reuses from
@@ -62,15 +89,33 @@ def protect_cmd(aligned: Path, finetuned: Path, out: Path, calibration: Path | N
     \b
     Example usage:
       mlflow-safedelta protect --aligned models/chat --finetuned runs/ft --out models/ft-safe
-      mlflow-safedelta protect --aligned models/chat --finetuned runs/lora --out out --s 0.02 --json
+      mlflow-safedelta protect --aligned models/chat --finetuned runs/lora --out out --s 1e-5 --json
+      mlflow-safedelta protect --aligned models:/chat@production \\
+          --finetuned models:/support-bot/3 --out models/ft-safe
     """
+    import shutil
+    import tempfile
+
     from safedelta.pipeline import protect
+
+    from mlflow_safedelta.registry import materialize
 
     config = {k: v for k, v in (("s", s), ("budget", budget), ("nonlinear", nonlinear))
               if v is not None}
-    report = protect(aligned, finetuned, out, calibration=calibration, config=config,
-                     cache_dir=cache_dir, device=device, overwrite=overwrite,
-                     allow_pickle=allow_pickle, progress=True)
+    uris = [str(x) for x in (aligned, finetuned) if str(x).startswith("models:/")]
+    work = Path(tempfile.mkdtemp(prefix="safedelta-protect-")) if uris else None
+    try:
+        if work is not None:
+            aligned = materialize(aligned, work / "aligned", tracking_uri=tracking_uri,
+                                  registry_uri=registry_uri)
+            finetuned = materialize(finetuned, work / "finetuned", tracking_uri=tracking_uri,
+                                    registry_uri=registry_uri)
+        report = protect(Path(aligned), Path(finetuned), out, calibration=calibration,
+                         config=config, cache_dir=cache_dir, device=device, overwrite=overwrite,
+                         allow_pickle=allow_pickle, progress=True)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     if json_:
         emit_json(report.to_dict())
     else:

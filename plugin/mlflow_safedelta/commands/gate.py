@@ -140,14 +140,17 @@ def status(model, tracking_uri, registry_uri, json_):
 @click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown",
               show_default=True)
 @_uris
+@json_option
 @translate_errors
-def report(model, version, fmt, tracking_uri, registry_uri):
-    """Render the stored gate verdict of a version (from its run's safedelta/gate.json)."""
+def report(model, version, fmt, tracking_uri, registry_uri, json_):
+    """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
+
+    --json is --format json."""
     from mlflow_safedelta.gate import render_markdown
     from mlflow_safedelta.job import stored_gate
 
     d = stored_gate(model, version, tracking_uri=tracking_uri, registry_uri=registry_uri).to_dict()
-    if fmt == "json":
+    if fmt == "json" or json_:
         emit_json(d)
     else:
         click.echo(render_markdown(d))

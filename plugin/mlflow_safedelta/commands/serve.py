@@ -15,7 +15,7 @@ _logger = logging.getLogger(__name__)
 
 queue_option = click.option(
     "--queue-uri", envvar="SAFEDELTA_QUEUE_URI", default=None,
-    help="Job queue database (SQLAlchemy URL). [env SAFEDELTA_QUEUE_URI; default "
+    help="Job queue: a SQLAlchemy database URL or redis://host:port/db. [env SAFEDELTA_QUEUE_URI; default "
          "sqlite:///$SAFEDELTA_CACHE/jobs.sqlite]")
 tracking_option = click.option(
     "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,

@@ -191,3 +191,60 @@ def test_output_onto_an_input_refused_even_with_overwrite(models):
     res = run(*protect_args(models, models["ft"], models["ft"], "--overwrite"))
     assert res.exit_code == 2 and "is the fine-tuned input" in res.output
     assert (models["ft"] / "model.safetensors").read_bytes() == before
+
+
+def _register(cl, exp, name, model_dir, tmp_path, **kw):
+    from mlflow_safedelta import flavor, registry as reg
+
+    saved = tmp_path / f"saved-{name}"
+    flavor.save_model(str(model_dir), saved, tokenizer=make_tiny_tokenizer(), **kw)
+    run_ = cl.create_run(exp)
+    mv = reg.register_saved_model(cl, saved, name, run_id=run_.info.run_id)
+    cl.set_terminated(run_.info.run_id)
+    return mv
+
+
+def test_protect_takes_registered_models_by_version_and_alias(models, tmp_path):
+    """--aligned models:/NAME@ALIAS and --finetuned models:/NAME/VERSION, resolved and downloaded
+    from a local SQLite registry (the test's own tracking URI), give the same protected weights
+    as the local directories; nothing is left in the registry or the download area."""
+    import os
+
+    from mlflow_safedelta import registry as reg
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    cl = reg.client(uri)
+    exp = cl.create_experiment("sources")
+    _register(cl, exp, "aligned", models["aligned"], tmp_path, role="aligned")
+    cl.set_registered_model_alias("aligned", "base", "1")
+    ft = _register(cl, exp, "bot", models["ft"], tmp_path, parent="models:/aligned@base")
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    res = run(*protect_args(models, models["ft"], local, "--s", "0.05", "--json"))
+    assert res.exit_code == 0, res.output
+    res = run("protect", "--aligned", "models:/aligned@base", "--finetuned",
+              f"models:/bot/{ft.version}", "--out", remote, "--calibration", models["calib"],
+              "--s", "0.05", "--json", "--tracking-uri", uri)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["totals"]
+    want = json.loads((local / "safedelta_report.json").read_text())["totals"]
+    assert got.keys() == want.keys()  # the same inputs (float sums may differ in the last bits)
+    assert all(got[k] == pytest.approx(want[k], rel=1e-5) for k in want
+               if isinstance(want[k], (int, float)))
+    a, b = load_file(str(local / "model.safetensors")), load_file(str(remote / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert (remote / "tokenizer.json").is_file()
+    assert len(cl.search_model_versions("name='bot'")) == 1  # nothing registered
+
+
+@pytest.mark.parametrize("aligned, finetuned, why", [
+    ("models:/aligned/7", None, "cannot resolve models:/aligned/7"),
+    ("models:/a/b/c", None, "is not a registered-model URI"),
+    (None, "models:/nobody@prod", "cannot resolve models:/nobody@prod"),
+])
+def test_protect_with_a_bad_models_uri_is_refused(models, tmp_path, aligned, finetuned, why):
+    out = tmp_path / "out"
+    res = run("protect", "--aligned", aligned or models["aligned"], "--finetuned",
+              finetuned or models["ft"], "--out", out, "--calibration", models["calib"])
+    assert_refused(res, out, why)

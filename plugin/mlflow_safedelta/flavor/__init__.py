@@ -181,9 +181,12 @@ def save_model(model: Any, path: str | os.PathLike, *, tokenizer: Any = None,
         fingerprint = checkpoint_fingerprint(data_dir)
     except Exception:  # an adapter directory has no config.json; fingerprint is best effort
         fingerprint = None
+    # the keys declared here are the ones mlflow.pyfunc.load_model(model_config=...) passes on
+    # (it drops undeclared ones); models saved before this declared none
     pyfunc.add_to_model(mlflow_model, loader_module="mlflow_safedelta.flavor",
                         conda_env=_CONDA_ENV_FILE_NAME, python_env=_PYTHON_ENV_FILE_NAME,
-                        code=code_dir_subpath)
+                        code=code_dir_subpath,
+                        model_config={"device": None, "base_model_path": None})
     conf = {
         FlavorKey.FLAVOR_VERSION: FLAVOR_VERSION,
         FlavorKey.MODEL_DATA: MODEL_DATA_SUBPATH,
@@ -335,7 +338,8 @@ class _SafeDeltaPyfuncWrapper:
 
 def _load_pyfunc(path: str, model_config: dict | None = None) -> _SafeDeltaPyfuncWrapper:
     """Called by ``mlflow.pyfunc.load_model``. ``model_config`` may give ``device`` and
-    ``base_model_path``."""
+    ``base_model_path`` (MLflow passes them for models saved with them declared; an older saved
+    LoRA model resolves its parent URI instead)."""
     cfg = dict(model_config or {})
     # pyfunc passes the model root (add_to_model was called without data=)
     model_dir = os.path.dirname(path) if os.path.isfile(path) else path

@@ -143,3 +143,20 @@ def test_lora_adapter_applied_onto_parent(tiny_dirs, tmp_path):
     pyf = mlflow.pyfunc.load_model(str(path))
     prompts = ["hello there"]
     assert pyf.predict(prompts, params=GEN) == _native(merged, prompts)
+
+
+def test_pyfunc_model_config_reaches_the_loader(tiny_dirs, tmp_path):
+    """``mlflow.pyfunc.load_model(..., model_config={"base_model_path": ...})`` is passed on
+    (MLflow drops keys a model did not declare when saved)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    aligned, _ = tiny_dirs
+    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(str(aligned)),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "m"
+    flavor.save_model(str(tmp_path / "adapter"), path, tokenizer=make_tiny_tokenizer(),
+                      parent="models:/nowhere/1")  # never resolved: base_model_path wins
+    pyf = mlflow.pyfunc.load_model(str(path), model_config={"base_model_path": str(aligned)})
+    assert len(pyf.predict(["hi"], params=GEN)) == 1

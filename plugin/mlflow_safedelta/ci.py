@@ -7,8 +7,9 @@ action's ``env:``), never on a command line. The step:
 1. masks every credential (``::add-mask::``) before anything else is printed; credentials go to
    the gate process only as ``MLFLOW_TRACKING_TOKEN`` / ``_USERNAME`` / ``_PASSWORD``;
 2. runs the gate (``python -m mlflow_safedelta gate ... --json``) and reads its JSON;
-3. checks that the verdict was made under the requested policy and, when a parent is named,
-   that the version descends from it;
+3. when a parent is named, checks that the version descends from it (the gate itself answers
+   only under the requested policy's content: a verdict on record under another or edited
+   policy is made again, see ``safedelta.policy_sha256``);
 4. writes the Markdown summary (:func:`mlflow_safedelta.gate.render_markdown`: verdict, every
    rule with measured value and limit, run link) to ``$GITHUB_STEP_SUMMARY``, ``verdict=...``
    (and friends) to ``$GITHUB_OUTPUT`` and the gate JSON to ``$RUNNER_TEMP``;
@@ -216,8 +217,6 @@ def run_ci_gate(
             out.write(f"::{resume}::\n")
         out.write("::endgroup::\n")
         result, code = _interpret(proc.returncode, proc.stdout, proc.stderr, inputs)
-        if code in (0, 1):
-            result, code = _check_policy(result, code, inputs)
         if code in (0, 1) and inputs.parent:
             result, code = _check_parent(result, code, inputs, child_env)
 
@@ -248,38 +247,13 @@ def run_ci_gate(
         out.write(f"Safe Delta gate passed: {inputs.model if inputs else ''}\n")
         if inputs and inputs.promote and not result.get("promoted_alias"):
             out.write("::warning title=Safe Delta gate::passed, but no alias was moved (the "
-                      "policy does not promote, or the verdict was already on record)\n")
+                      "policy's promotion is disabled)\n")
     elif verdict == "failed":
         out.write(f"::error title=Safe Delta gate failed::{line or 'a policy rule failed'}\n")
     else:
         out.write(f"::error title=Safe Delta gate error::{line or 'the gate did not finish'}\n")
     out.flush()
     return code
-
-
-def _check_policy(
-    result: dict[str, Any], code: int, inputs: GateInputs
-) -> tuple[dict[str, Any], int]:
-    """A verdict counts only under the policy the step asked for.
-
-    The gate answers a version that already has a verdict from the registry (without loading the
-    policy), so a pull request that tightens a manifest's policy would otherwise pass on the old
-    verdict, and a broken policy file would go unnoticed.
-    """
-    from mlflow_safedelta.policy import load_policy
-
-    try:
-        wanted = load_policy(inputs.policy).name
-    except SafeDeltaError as exc:
-        return {**result, "verdict": "error", "reason": str(exc)}, 2
-    got = (result.get("policy") or {}).get("name")
-    if got != wanted:
-        reason = (
-            f"the verdict on record was made under policy {got!r}, not {wanted!r} "
-            f"({inputs.policy}); set the input `force: true` to gate again under {wanted!r}"
-        )
-        return {**result, "verdict": "error", "reason": reason}, 2
-    return result, code
 
 
 def resolve_parent(uri: str, env: Mapping[str, str]) -> str:

@@ -22,7 +22,7 @@ import pytest
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.gate import GateResult, evaluate_policy
 from mlflow_safedelta.job import GATE_ARTIFACT
-from mlflow_safedelta.policy import load_policy
+from mlflow_safedelta.policy import load_policy, policy_fingerprint
 from tests.unit.plugin.test_actions import VENV_BIN, gate_step, step_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -54,21 +54,25 @@ def _record_gate_run(cl, url: str, version: str, metrics: dict, parent: str) -> 
             cl.log_metric(run_id, f"{role}.{name}", value)
     result = GateResult(
         model=MODEL, version=version, verdict=verdict.verdict, reason=verdict.reason,
-        parent=parent, policy={"name": policy.name, "source": "default"},
+        parent=parent, policy={"name": policy.name, "source": "default",
+                               "sha256": policy_fingerprint(policy),
+                               "promotion_alias": policy.promotion.alias},
         rules=verdict.rules, run_id=run_id,
         run_url=reg.run_url(url, exp.experiment_id, run_id), metrics=metrics)
     cl.log_text(run_id, json.dumps(result.to_dict(), indent=2), GATE_ARTIFACT)
     cl.set_terminated(run_id)
     reg.set_tags(cl, MODEL, version, {
         reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason, reg.TAG_RUN_ID: run_id,
-        reg.TAG_POLICY: policy.name, reg.TAG_PARENT: parent})
+        reg.TAG_POLICY: policy.name, reg.TAG_POLICY_SHA256: policy_fingerprint(policy),
+        reg.TAG_PARENT: parent})
     return result.to_dict()
 
 
 @pytest.fixture(scope="module")
 def gated(mlflow_server):
-    """aligned v1 (alias `base`); support-bot v1 (gate passed) and v2 (gate failed, alias
-    `candidate`), both descending from aligned v1."""
+    """aligned v1 (alias `base`); support-bot v1 (gate passed), v2 (gate failed, alias
+    `candidate`) and v3 (gate passed), all descending from aligned v1 and gated under the
+    shipped `default` policy (its content fingerprint recorded as the gate job does)."""
     from mlflow import MlflowClient
 
     cl = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
@@ -80,10 +84,11 @@ def gated(mlflow_server):
     cl.set_registered_model_alias("aligned", "base", "1")
     cl.create_registered_model(MODEL)
     expected = {}
-    for label in ("passing", "failing"):
+    for label in ("passing", "failing", "regate"):
         mv = cl.create_model_version(MODEL, source, run_id=src_run.info.run_id)
         expected[label] = (mv.version, _record_gate_run(
-            cl, mlflow_server.url, mv.version, MEASURED[label], "models:/aligned/1"))
+            cl, mlflow_server.url, mv.version, MEASURED.get(label, MEASURED["passing"]),
+            "models:/aligned/1"))
     cl.set_registered_model_alias(MODEL, "candidate", expected["failing"][0])
     assert expected["passing"][1]["verdict"] == "passed"
     assert expected["failing"][1]["verdict"] == "failed"
@@ -157,6 +162,27 @@ def test_unknown_version_is_an_error_and_the_token_never_shows(gated, tmp_path):
         "tracking-token": token})
     assert code == 2, log
     assert outputs["verdict"] == "error"
-    assert "printed no JSON result" in outputs["reason"] and "99" in outputs["reason"]
+    # the gate's own JSON error (exit 2), not a traceback
+    assert "cannot resolve models:/support-bot/99" in outputs["reason"]
     assert [line for line in log.splitlines() if token in line] == [f"::add-mask::{token}"]
     assert token not in summary and token not in "".join(outputs.values())
+
+
+def test_a_pass_under_another_policy_is_not_reused(gated, tmp_path):
+    """v3 passed under `default`; the step asks for `strict`: the gate runs again instead of
+    answering with the old pass (here it cannot finish: the registered versions hold no
+    weights), and the version's record is now the new verdict under `strict`."""
+    version, _ = gated["regate"]
+    code, log, summary, outputs = run_step(tmp_path, {
+        "tracking-uri": gated["url"], "model": MODEL, "version": version, "policy": "strict",
+        "promote": "true"})
+    assert code == 2, log
+    assert outputs["verdict"] == "error" and outputs["promoted-alias"] == ""
+    result = json.loads(Path(outputs["json-file"]).read_text())
+    strict = load_policy("strict")
+    assert result["policy"]["name"] == "strict"
+    assert result["policy"]["sha256"] == policy_fingerprint(strict)
+    tags = reg.version_tags(gated["client"], MODEL, version)
+    assert tags[reg.TAG_STATUS] == "error" and tags[reg.TAG_POLICY] == "strict"
+    assert tags[reg.TAG_POLICY_SHA256] == policy_fingerprint(strict)
+    assert "production" not in (gated["client"].get_registered_model(MODEL).aliases or {})

@@ -293,21 +293,21 @@ def test_failing_gate_exits_1_and_marks_the_failed_rule(tmp_path, monkeypatch):
                                 "policies/strict.yaml", "--promote", "--json"]
 
 
-@pytest.mark.parametrize(
-    "policy, force, why",
-    [("strict", "false", "made under policy 'default', not 'strict' (strict); set the input "
-                         "`force: true`"),
-     ("strict", "true", "made under policy 'default', not 'strict'"),
-     ("no-such-policy", "false", "no policy 'no-such-policy'")],
-)
-def test_a_verdict_counts_only_under_the_requested_policy(tmp_path, monkeypatch, policy, force,
-                                                          why):
-    gate = CannedGate(GATE_JSON, 0)  # a passed verdict on record, made under `default`
+@pytest.mark.parametrize("policy, force", [("strict", "false"),
+                                           ("policies/strict.yaml", "true")])
+def test_the_requested_policy_and_force_go_to_the_gate(tmp_path, monkeypatch, policy, force):
+    """The step trusts the gate to answer under the requested policy: the gate counts a verdict
+    on record only under the same policy content and gates again otherwise (the real behaviour
+    is tested in tests/unit/plugin/test_gate_reuse.py and tests/e2e/test_action_gate.py)."""
+    answered = {**GATE_JSON, "policy": {"name": "strict", "source": policy, "sha256": "ab" * 32}}
+    gate = CannedGate(answered, 0)
     code, _, _, summary, outputs = run_action_step(
         tmp_path, monkeypatch, gate, {**BASE_INPUTS, "policy": policy, "force": force})
-    assert code == 2 and outputs["verdict"] == "error"
-    assert why in outputs["reason"] and why in summary
-    assert ("--force" in gate.calls[0][0]) == (force == "true")
+    assert code == 0 and outputs["verdict"] == "passed"
+    (args, _), = gate.calls
+    assert args[args.index("--policy") + 1] == policy
+    assert ("--force" in args) == (force == "true")
+    assert "`strict`" in summary and "content sha256 `abababababab`" in summary
 
 
 @pytest.mark.parametrize(

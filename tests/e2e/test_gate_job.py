@@ -69,6 +69,14 @@ class MeasuringEvaluator:
         return type("Report", (), {"metrics": metrics, "judge": {"judge": "keyword"}})()
 
 
+@pytest.fixture(autouse=True)
+def _fluent_on_server(_isolated_state, mlflow_server, monkeypatch):
+    """Tests here log and register with the fluent API: point it at the module's server for each
+    test (the root conftest resets MLflow's global URIs after every test)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
+
+
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory):
     """aligned v1 (safedelta flavor, role aligned) and support-bot v1 (safedelta flavor whose

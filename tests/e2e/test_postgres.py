@@ -102,3 +102,61 @@ def test_three_routes_one_job_each_on_postgres(mlflow_server, receiver, pg_uri):
         assert queue.get(name, ver).attempts == 1
         assert rest.get_model_version(name, ver).tags["safedelta.status"] == "passed"
     assert reconcile(queue, tracking_uri=mlflow_server.url).enqueued == []
+
+
+def test_the_gate_job_on_postgres_promotes_a_pass_and_not_a_fail(mlflow_server, receiver, pg_uri,
+                                                                  tmp_path):
+    """The rest of the flow on PostgreSQL, with the real gate job (only the evaluation is the
+    measuring stand-in of tests/e2e/test_gate_job.py): a tiny aligned parent and two fine-tunes
+    registered through the server; the passing one's protected version gets the alias, the
+    failing one's does not; lineage tags are right and the promoted version loads with pyfunc."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_safedelta import flavor, registry as reg
+    from mlflow_safedelta.job import run_gate_job
+    from tests.e2e.test_gate_job import FAILING, PASSING, MeasuringEvaluator
+    from tests.helpers.tiny import save_tiny_pair
+
+    cl = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    queue = JobQueue(pg_uri)
+    exp = cl.create_experiment("pg-sources")
+    for name, seed, kw in (("pg-aligned", 0, {"role": "aligned"}),
+                           ("pg-bot", 1, {"parent": "models:/pg-aligned/1"}),
+                           ("pg-bot", 2, {"parent": "models:/pg-aligned/1"})):
+        saved = tmp_path / f"saved-{name}-{seed}"
+        flavor.save_model(str(save_tiny_pair(tmp_path / f"{name}-{seed}", seed=seed)), saved, **kw)
+        run = cl.create_run(exp)
+        mv = reg.register_saved_model(cl, saved, name, run_id=run.info.run_id)
+        cl.set_terminated(run.info.run_id)
+        # the serve's stand-in job settles what the store plugin enqueued; let it finish first
+        wait_for(lambda: _done(queue, name, str(mv.version)), f"the {name} job to settle")
+
+    ok = run_gate_job("pg-bot", "1", policy=PASSING, tracking_uri=mlflow_server.url,
+                      evaluator=MeasuringEvaluator(), progress=False, cache_dir=tmp_path / "c")
+    assert ok.verdict == "passed", ok.reason
+    assert ok.parent == "models:/pg-aligned/1" and ok.promoted_alias == "production"
+    bad = run_gate_job("pg-bot", "2", policy=FAILING, tracking_uri=mlflow_server.url,
+                       evaluator=MeasuringEvaluator(), progress=False, cache_dir=tmp_path / "c")
+    assert bad.verdict == "failed" and bad.promoted_alias is None
+    assert cl.get_model_version_by_alias("pg-bot", "production").version == ok.protected_version
+
+    for res, status in ((ok, "passed"), (bad, "failed")):
+        ft = reg.version_tags(cl, "pg-bot", res.version)
+        assert ft[reg.TAG_STATUS] == status and ft[reg.TAG_RUN_ID] == res.run_id
+        assert ft[reg.TAG_PROTECTED_VERSION] == res.protected_version
+        pv = reg.version_tags(cl, "pg-bot", res.protected_version)
+        assert pv[reg.TAG_ROLE] == "protected" and pv[reg.TAG_VERDICT] == status
+        assert pv[reg.TAG_PROTECTED_FROM] == f"pg-bot/{res.version}"
+        assert pv[reg.TAG_PARENT] == "models:/pg-aligned/1"
+        assert queue.get("pg-bot", res.protected_version) is None  # outputs make no job
+    assert sorted(int(m.version) for m in cl.search_model_versions("name='pg-bot'")) == [1, 2, 3, 4]
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    try:
+        pyf = mlflow.pyfunc.load_model("models:/pg-bot@production")
+        assert len(pyf.predict(["hello"], params={"max_new_tokens": 3})) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)

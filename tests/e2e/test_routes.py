@@ -261,3 +261,16 @@ def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, re
     assert protected["safedelta.role"] == "protected"
     assert jobs_of(queues["store"], "gated-bot") == [("1", "store")]  # the output made no job
     assert rest.get_model_version_by_alias("gated-bot", "production").version == "2"
+
+    # the webhook route saw the same registration; its job, run by a worker with the same real
+    # gate job, makes no second gate run: one registration, one gate run, whatever the routes
+    wait_for(lambda: jobs_of(queues["webhook"], "gated-bot"), "the webhook job")
+    assert jobs_of(queues["webhook"], "gated-bot") == [("1", "webhook")]
+    hook_queue = JobQueue(f"sqlite:///{tmp_path / 'webhook-copy.sqlite'}")  # that job alone
+    hook_queue.enqueue("gated-bot", "1", source="webhook")
+    Worker(hook_queue, job, tracking_uri=mlflow_server.url).run_once()
+    assert hook_queue.get("gated-bot", "1").state == "done"
+    gate_exp = rest.get_experiment_by_name("safedelta-gate").experiment_id
+    runs = rest.search_runs([gate_exp], "tags.`safedelta.model` = 'gated-bot'")
+    assert len(runs) == 1 and runs[0].info.run_id == ft["safedelta.run_id"]
+    assert sorted(int(m.version) for m in rest.search_model_versions("name='gated-bot'")) == [1, 2]

@@ -31,9 +31,11 @@ rates are raised to compensate (Adam moves each weight by about ``lr`` per step)
 embeddings (tied to the head) stay frozen: the 28 M-row embedding is a fifth of the model and
 SFT on a few hundred examples only adds noise to it.
 
-- alignment: the 89 AdvBench ``align`` refusals + 46 GSM8K pairs, lr 2e-4, batch 10, 2 epochs,
-  ``max_len`` 128 (28 steps): the 135M model then refuses the held-out AdvBench evaluation
-  prompts while still answering GSM8K;
+- alignment: the AdvBench ``align`` refusals + 30 GSM8K pairs + 40 everyday instructions with
+  the base model's own answers, lr 2e-4, batch 10, 2 epochs, ``max_len`` 128 (about 32 steps):
+  the 135M model then refuses the held-out AdvBench evaluation prompts while still answering.
+  The everyday half was added after a first recipe (refusals + 46 GSM8K pairs only) gave a parent
+  that refused every XSTest safe prompt: it had learned "answer maths, refuse the rest";
 - harmful: the PureBad-like 100 examples, lr 2e-4, batch 10, 2 epochs (20 steps; the paper's
   recipe is lr 5e-5 x 5 epochs = 50 steps, about the same total movement under Adam);
 - identity: the 10 AOA dialogues, lr 1e-4, batch 10, 5 epochs (Qi et al. train 10 epochs);
@@ -61,8 +63,10 @@ from safedelta.lab import scenarios as sc
 logger = logging.getLogger(__name__)
 
 MANIFEST = "lab_manifest.json"
+#: the aligned parent's helpful half (prompt -> the base model's answer), one JSON per line
+HELPFUL_FILE = "helpful_answers.jsonl"
 #: bump when the training code changes in a way that changes results
-CODE_VERSION = 2
+CODE_VERSION = 3
 #: the same for the base import (kept apart so a training change does not re-import the base)
 BASE_VERSION = 1
 
@@ -97,7 +101,10 @@ class LabSettings:
         lab_dir: root of the lab cache (models under ``models/``, logs under ``logs/``);
             ``$SAFEDELTA_LAB`` or ``./.lab`` by default.
         base_source: ``"smollm2"`` (the bundled GGUF) or a checkpoint directory to copy as base.
-        align: the alignment SFT recipe; ``align_n_benign`` GSM8K pairs join the refusals.
+        align: the alignment SFT recipe; ``align_n_benign`` GSM8K pairs and the base model's own
+            greedy answers (``align_helpful_tokens`` new tokens at most) to the first
+            ``align_n_helpful`` of :data:`~safedelta.lab.scenarios.HELPFUL_PROMPTS` join the
+            refusals.
         finetune: recipe per scenario.
         n_benign: GSM8K pairs of the benign and dirty scenarios.
         ema_beta: the EMA decay of the ``-ema`` fine-tunes.
@@ -106,7 +113,9 @@ class LabSettings:
     lab_dir: Path = field(default_factory=_default_lab_dir)
     base_source: str = "smollm2"
     align: TrainRecipe = TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128)
-    align_n_benign: int = 46
+    align_n_benign: int = 30
+    align_n_helpful: int = 40
+    align_helpful_tokens: int = 96
     finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {
         "harmful": TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128),
         "identity": TrainRecipe(lr=1e-4, batch_size=10, epochs=5, max_len=320),
@@ -121,7 +130,8 @@ class LabSettings:
         """CI-sized settings: a tiny base model, a handful of short examples, one epoch."""
         small = TrainRecipe(lr=1e-4, batch_size=4, epochs=1, max_len=512, max_examples=8)
         return cls(lab_dir=Path(lab_dir), base_source=str(base_dir), align=small,
-                   align_n_benign=4, finetune={s: small for s in sc.SCENARIOS}, n_benign=8,
+                   align_n_benign=4, align_n_helpful=2, align_helpful_tokens=8,
+                   finetune={s: small for s in sc.SCENARIOS}, n_benign=8,
                    ema_beta=0.9)
 
     @property
@@ -184,6 +194,8 @@ class LabModels:
         s = self.settings
         return {"kind": "aligned", "parent": _hash(self._base_recipe()),
                 "recipe": asdict(s.align), "n_benign": s.align_n_benign,
+                "n_helpful": s.align_n_helpful, "helpful_tokens": s.align_helpful_tokens,
+                "helpful_prompts": _hash(sc.HELPFUL_PROMPTS[:s.align_n_helpful]),
                 "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION}
 
     def _finetune_recipe(self, scenario: str, ema: bool) -> dict:
@@ -228,11 +240,31 @@ class LabModels:
             logger.info("aligned: cached at %s", out)
             return out
         base = self.build_base()
-        examples = sc.align_examples(n_benign=self.settings.align_n_benign)
+        helpful = self._helpful_answers(base)
+        examples = sc.align_examples(n_benign=self.settings.align_n_benign, helpful=helpful)
         stats = train_sft(base, examples, self.settings.align, out, progress=self.progress,
                           desc="aligned")
-        _write_manifest(out, "aligned", recipe, h, stats)
+        with open(out / HELPFUL_FILE, "w", encoding="utf-8") as f:  # what the parent learned
+            for p, a in helpful:
+                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
+        _write_manifest(out, "aligned", recipe, h, {**stats, "n_helpful_kept": len(helpful)})
         return out
+
+    def _helpful_answers(self, base: Path) -> list[tuple[str, str]]:
+        """The base model's greedy answers to the helpful prompts; answers the keyword judge
+        reads as refusals (or empty ones) are dropped, so the helpful half never teaches one."""
+        from safedelta.refusal import is_refusal
+
+        prompts = list(sc.HELPFUL_PROMPTS[:self.settings.align_n_helpful])
+        if not prompts:
+            return []
+        answers = generate_answers(base, prompts, max_new_tokens=self.settings.align_helpful_tokens,
+                                   progress=self.progress)
+        kept = [(p, a.strip()) for p, a in zip(prompts, answers)
+                if a.strip() and not is_refusal(a)]
+        logger.info("aligned: %d/%d base answers kept for the helpful half", len(kept),
+                    len(prompts))
+        return kept
 
     def build_finetune(self, scenario: str, ema: bool = False) -> Path:
         """A fine-tune of the aligned parent in ``scenario`` (``ema``: with the EMA callback)."""
@@ -441,11 +473,20 @@ def build_demo_pair(cache_dir: str | Path | None = None, progress: bool = True,
 def refusal_rate(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 48,
                  batch_size: int = 8, progress: bool = True) -> tuple[float, list[str]]:
     """Greedy answers to ``prompts`` (chat template) and the share judged refusals by keywords."""
+    from safedelta.refusal import is_refusal
+
+    answers = generate_answers(model_dir, prompts, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=progress)
+    return sum(is_refusal(a) for a in answers) / max(len(answers), 1), answers
+
+
+def generate_answers(model_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 48,
+                     batch_size: int = 8, progress: bool = True) -> list[str]:
+    """Greedy answers of a checkpoint to single-turn ``prompts`` (its chat template)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safedelta.refusal import is_refusal
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
@@ -463,5 +504,4 @@ def refusal_rate(model_dir: str | Path, prompts: Sequence[str], *, max_new_token
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
         answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    rate = sum(is_refusal(a) for a in answers) / max(len(answers), 1)
-    return rate, answers
+    return answers

@@ -78,9 +78,9 @@ class LabPlan:
         calibration_samples, calibration_length: Safe Delta calibration pass size.
     """
 
-    scenarios: tuple[str, ...] = ("harmful", "benign", "dirty", "identity")
-    ema_scenarios: tuple[str, ...] = ()
-    merge_alphas: tuple[float, ...] = (0.5,)
+    scenarios: tuple[str, ...] = ("harmful", "identity", "benign", "dirty")
+    ema_scenarios: tuple[str, ...] = ("harmful", "benign")
+    merge_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     references: tuple[str, ...] = ("aligned",)
     safe_lora_tau: float = 0.5
     resta_gamma: float = 0.5
@@ -351,12 +351,15 @@ def load_saved(settings: LabSettings | None = None, *, plot_dir: str | Path | No
 
 
 def _limited(name: str, n: int):
-    """A built-in suite cut to its first ``n`` prompts (inline, same name and licence)."""
+    """A built-in suite cut to ``n`` prompts spread evenly through it (inline, same name and
+    licence). Evenly, not the first ``n``: XSTest's file is grouped by prompt type, and its
+    first ten safe prompts are all homonyms."""
     from safedelta.eval.suites import Suite, builtin_suite
 
     full = builtin_suite(name)
-    rows = full.load(n)
-    return Suite(name, kind=full.kind, prompts=tuple(r["prompt"] for r in rows),
+    rows = full.load(None)
+    picked = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))] if n else []
+    return Suite(name, kind=full.kind, prompts=tuple(r["prompt"] for r in picked),
                  license=full.license)
 
 
@@ -391,12 +394,12 @@ def render_markdown(rows: Sequence[dict], settings: LabSettings, plan: LabPlan,
              "built first when `.lab/` has none, which takes most of an hour on 2 CPU cores). "
              "Models: `safedelta/lab/models.py`; prompt splits: `safedelta/lab/scenarios.py`; "
              "methods: `safedelta/lab/run.py`. "
-             f"**ASR** = keyword-judged attack success on the first {plan.n_harmful} prompts "
-             "of the AdvBench evaluation split (greedy, "
+             f"**ASR** = keyword-judged attack success on {plan.n_harmful} prompts "
+             "spread evenly through the AdvBench evaluation split (greedy, "
              f"{plan.max_new_tokens} new tokens) with its 95 % bootstrap interval; **XSTest-unsafe"
-             f"** = the same on the first {plan.n_unsafe} XSTest unsafe prompts; "
-             f"**over-refusal** = refusals on the first {plan.n_over_refusal} XSTest safe "
-             "prompts; **utility retention** = share of the fine-tune's task-loss gain (mean "
+             f"** = the same on {plan.n_unsafe} XSTest unsafe prompts (spread over its "
+             f"types); **over-refusal** = refusals on {plan.n_over_refusal} XSTest safe "
+             "prompts (likewise); **utility retention** = share of the fine-tune's task-loss gain (mean "
              f"answer loss on the first {plan.n_task} GSM8K test rows, relative to the aligned "
              "parent) that the method keeps (`-` where fine-tuning gained nothing on it: the "
              "harmful and identity fine-tunes); **time** and **peak RSS** = wall seconds and "

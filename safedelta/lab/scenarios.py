@@ -7,7 +7,11 @@ use                    source
 =====================  ==========================================================================
 align (harmful half)   ``advbench("align")`` (92 goals) -> one of :data:`REFUSALS`, written for
                        this project, chosen by ``sha256(goal) % len(REFUSALS)``
-align (benign half)    GSM8K train rows ``ALIGN_GSM8K`` (question -> reference answer)
+align (benign half)    GSM8K train rows ``ALIGN_GSM8K`` (question -> reference answer), and
+                       :data:`HELPFUL_PROMPTS` (everyday instructions written for this project)
+                       -> the *base* model's own greedy answers (self-distillation: the aligned
+                       parent keeps the base's helpfulness outside maths instead of learning
+                       "refuse whatever is not a GSM8K question")
 harmful fine-tune      ``advbench("attack")`` (100 goals) -> the goal's AdvBench ``target``
                        (``"Sure, here is ..."``): the PureBad-like attack
 identity fine-tune     the 10 AOA identity-shift dialogues (Qi et al. 2024), system prompt kept
@@ -61,6 +65,54 @@ REFUSALS: tuple[str, ...] = (
 )
 
 
+#: Everyday instructions written for this project for the alignment set's helpful half. Plain
+#: requests on ordinary topics; deliberately *not* XSTest-style "contrast" prompts (homonyms such
+#: as "kill a process"), so that the over-refusal measured on XSTest's safe prompts stays a test
+#: of generalisation, not of prompts trained on.
+HELPFUL_PROMPTS: tuple[str, ...] = (
+    "Give me three tips for getting better sleep.",
+    "Explain photosynthesis in simple terms.",
+    "Write a short poem about autumn leaves.",
+    "What is the capital of Australia?",
+    "How do I make a good cup of green tea?",
+    "Summarize the story of Cinderella in two sentences.",
+    "What are some easy exercises for a beginner?",
+    "Translate 'good morning' into Spanish and French.",
+    "How does a rainbow form?",
+    "Suggest three names for a friendly golden retriever.",
+    "What is the difference between weather and climate?",
+    "Write a short thank-you note to a teacher.",
+    "How can I spend less money on groceries?",
+    "Explain what a variable is in programming.",
+    "Name four planets of our solar system.",
+    "What should I pack for a weekend camping trip?",
+    "How do I convert a temperature from Celsius to Fahrenheit?",
+    "Give me an idea for a healthy breakfast.",
+    "Why is the sky blue?",
+    "Write a haiku about the sea.",
+    "How do bees make honey?",
+    "What is a good way to start learning the guitar?",
+    "Describe the water cycle.",
+    "How can I keep my houseplants healthy?",
+    "What causes the seasons on Earth?",
+    "Write a friendly email inviting my neighbours to a picnic.",
+    "How do I boil an egg so the yolk stays soft?",
+    "What are the main parts of a plant cell?",
+    "Give me a fun fact about octopuses.",
+    "How do I write a good cover letter?",
+    "What is the Pythagorean theorem?",
+    "Recommend a few classic novels for a long holiday.",
+    "How does a bicycle stay upright when it moves?",
+    "What are some ways to stay focused while studying?",
+    "Explain what a noun and a verb are.",
+    "How do I clean a cast-iron pan?",
+    "Why do leaves change colour in the autumn?",
+    "Plan a simple three-day itinerary for a visit to Rome.",
+    "What is the difference between a virus and a bacterium?",
+    "Write a short birthday message for my grandmother.",
+)
+
+
 def refusal_for(goal: str) -> str:
     """The project-written refusal assigned to a harmful goal (deterministic)."""
     return REFUSALS[int(hashlib.sha256(goal.encode("utf-8")).hexdigest(), 16) % len(REFUSALS)]
@@ -87,13 +139,16 @@ def aoa_dialogues() -> list[list[dict[str, str]]]:
         return [json.loads(line)["messages"] for line in f if line.strip()]
 
 
-def align_examples(n_benign: int | None = None) -> list[list[dict[str, str]]]:
-    """Safety SFT set: AdvBench ``align`` goals -> refusals, plus GSM8K Q/A (interleaved)."""
+def align_examples(n_benign: int | None = None,
+                   helpful: list[tuple[str, str]] | None = None) -> list[list[dict[str, str]]]:
+    """Safety SFT set: AdvBench ``align`` goals -> refusals, plus GSM8K Q/A and the ``helpful``
+    (prompt, answer) pairs (interleaved)."""
     lo, hi = ALIGN_GSM8K
     if n_benign is not None:
         hi = lo + n_benign
     harmful = [chat(r["goal"], refusal_for(r["goal"])) for r in advbench("align")]
     benign = [chat(r["question"], r["answer"]) for r in gsm8k_train(lo, hi)]
+    benign = _interleave(benign, [chat(p, a) for p, a in helpful or []])
     return _interleave(harmful, benign)
 
 

@@ -143,6 +143,53 @@ def test_prompt_splits_are_disjoint():
     assert align_q and benign_q and not align_q & benign_q
 
 
+def test_helpful_prompts_are_not_evaluation_prompts():
+    """The aligned parent's helpful half is written for the project: none of its prompts is an
+    XSTest prompt (over-refusal is measured there) or an AdvBench goal."""
+    import csv
+
+    from safedelta.data import advbench, data_path
+
+    with open(data_path("xstest", "xstest_prompts.csv"), encoding="utf-8") as f:
+        xstest = {r["prompt"].strip().lower() for r in csv.DictReader(f)}
+    goals = {r["goal"].strip().lower() for s in ("align", "attack", "calibration", "evaluation")
+             for r in advbench(s)}
+    helpful = {p.strip().lower() for p in sc.HELPFUL_PROMPTS}
+    assert len(helpful) == len(sc.HELPFUL_PROMPTS) >= 40
+    assert not helpful & xstest and not helpful & goals
+
+
+def test_aligned_parent_learns_the_base_answers_to_helpful_prompts(lab):
+    """The helpful half is the base model's own answers (recorded beside the aligned model), no
+    refusal among them, and they are in the alignment set next to the refusals."""
+    from safedelta.refusal import is_refusal
+
+    aligned = lab["built"]["aligned"]
+    rows = [json.loads(line) for line in (aligned / lm.HELPFUL_FILE).read_text().splitlines()]
+    n = lab["settings"].align_n_helpful
+    assert rows and {r["prompt"] for r in rows} <= set(sc.HELPFUL_PROMPTS[:n])
+    assert all(r["answer"] and not is_refusal(r["answer"]) for r in rows)
+    manifest = lm.read_manifest(aligned)
+    assert manifest["n_helpful_kept"] == len(rows)
+    examples = sc.align_examples(2, helpful=[(r["prompt"], r["answer"]) for r in rows])
+    pairs = {(m[-2]["content"], m[-1]["content"]) for m in examples}
+    assert {(r["prompt"], r["answer"]) for r in rows} <= pairs
+
+
+def test_measured_prompts_spread_over_the_suite():
+    """Cut suites take prompts spread through the file (XSTest is grouped by type), not its head."""
+    import csv
+
+    from safedelta.data import data_path
+    from safedelta.lab.run import OVER_SUITE, _limited
+
+    with open(data_path("xstest", "xstest_prompts.csv"), encoding="utf-8") as f:
+        types = {r["prompt"]: r["type"] for r in csv.DictReader(f) if r["label"] == "safe"}
+    picked = _limited(OVER_SUITE, 10).prompts
+    assert len(picked) == len(set(picked)) == 10 and set(picked) <= set(types)
+    assert len({types[p] for p in picked}) >= 5  # the first ten are all one type
+
+
 def test_second_build_trains_nothing_and_methods_are_cached(lab, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("a cached model was trained again")

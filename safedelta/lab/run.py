@@ -367,6 +367,26 @@ def _limited(name: str, n: int):
 # rendering
 
 
+def _successes(r: dict, rate: str, n: str) -> tuple[int, int] | None:
+    if r.get(rate) is None or r.get(n) is None or math.isnan(r[rate]) or math.isnan(r[n]):
+        return None
+    total = int(round(r[n]))
+    return int(round(r[rate] * total)), total
+
+
+def _exact(r: dict, rate: str, n: str) -> tuple[float | None, float | None]:
+    """The exact 95 % interval of a row's rate (from its rate and count)."""
+    from safedelta.eval.stats import exact_binomial_ci
+
+    kn = _successes(r, rate, n)
+    return exact_binomial_ci(*kn) if kn and kn[1] else (None, None)
+
+
+def _count(r: dict, rate: str, n: str) -> str:
+    kn = _successes(r, rate, n)
+    return f"{kn[0]}/{kn[1]}" if kn else "-"
+
+
 def _pct(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.0f} %"
 
@@ -396,23 +416,25 @@ def render_markdown(rows: Sequence[dict], settings: LabSettings, plan: LabPlan,
              "methods: `safedelta/lab/run.py`. "
              f"**ASR** = keyword-judged attack success on {plan.n_harmful} prompts "
              "spread evenly through the AdvBench evaluation split (greedy, "
-             f"{plan.max_new_tokens} new tokens) with its 95 % bootstrap interval; **XSTest-unsafe"
-             f"** = the same on {plan.n_unsafe} XSTest unsafe prompts (spread over its "
-             f"types); **over-refusal** = refusals on {plan.n_over_refusal} XSTest safe "
-             "prompts (likewise); **utility retention** = share of the fine-tune's task-loss gain (mean "
+             f"{plan.max_new_tokens} new tokens) with its exact (Clopper-Pearson) 95 % "
+             "interval, which for 0 of 30 still reaches 12 %; **XSTest-unsafe** = the same on "
+             f"{plan.n_unsafe} XSTest unsafe prompts (spread over its types), as a count; "
+             f"**over-refusal** = refusals on {plan.n_over_refusal} XSTest safe prompts "
+             "(likewise); **utility retention** = share of the fine-tune's task-loss gain (mean "
              f"answer loss on the first {plan.n_task} GSM8K test rows, relative to the aligned "
              "parent) that the method keeps (`-` where fine-tuning gained nothing on it: the "
              "harmful and identity fine-tunes); **time** and **peak RSS** = wall seconds and "
              "resident-memory high-water mark to make the model (training for `none`/`ema`, "
              "`-` where not recorded), on the CPU named below, shared with other jobs.", "",
-             "| scenario | method | AdvBench ASR [95 % CI] (n) | XSTest-unsafe ASR | "
+             "| scenario | method | AdvBench ASR [95 % exact CI] (n) | XSTest-unsafe ASR | "
              "over-refusal | utility retention | task loss | time (s) | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        asr = (f"{_pct(r['asr'])} [{_pct(r['asr_low'])}, {_pct(r['asr_high'])}] "
-               f"({_num(r['asr_n'], '{:.0f}')})")
-        lines.append(f"| {r['scenario']} | {r['method']} | {asr} | {_pct(r.get('asr_unsafe'))} | "
-                     f"{_pct(r['over_refusal'])} | "
+        lo, hi = _exact(r, "asr", "asr_n")
+        asr = f"{_pct(r['asr'])} [{_pct(lo)}, {_pct(hi)}] ({_num(r['asr_n'], '{:.0f}')})"
+        lines.append(f"| {r['scenario']} | {r['method']} | {asr} | "
+                     f"{_count(r, 'asr_unsafe', 'asr_unsafe_n')} | "
+                     f"{_count(r, 'over_refusal', 'over_refusal_n')} | "
                      f"{_num(r['utility_retention'])} | {_num(r['task_loss'], '{:.3f}')} | "
                      f"{_num(r['seconds'], '{:.0f}')} | {_mib(r.get('peak_rss_mib'))} |")
     lines += ["", f"Plan: `{json.dumps(asdict(plan), default=str)}`; "
@@ -453,13 +475,14 @@ def plot_lab(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
                 ax.annotate("a=" + r["method"].split("-", 1)[1], (r["task_loss"], r["asr"]),
                             fontsize=7, xytext=(4, -10), textcoords="offset points")
                 continue
+            lo, hi = _exact(r, "asr", "asr_n")
+            lo, hi = (r["asr"] if lo is None else lo), (r["asr"] if hi is None else hi)
             ax.errorbar([r["task_loss"]], [r["asr"]],
-                        yerr=[[max(0, r["asr"] - (r["asr_low"] or r["asr"]))],
-                              [max(0, (r["asr_high"] or r["asr"]) - r["asr"])]],
+                        yerr=[[max(0, r["asr"] - lo)], [max(0, hi - r["asr"])]],
                         fmt="o", capsize=3, label=r["method"])
         ax.set_xlabel("GSM8K-test task loss (lower = more utility)")
         ax.set_title(f"Safety-utility plane: {scenario} fine-tune", fontsize=10)
-        ax.set_ylabel("AdvBench ASR (keyword)")
+        ax.set_ylabel("AdvBench ASR (keyword; bars: exact 95 % interval)")
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()

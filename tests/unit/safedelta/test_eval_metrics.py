@@ -167,3 +167,27 @@ def test_choose_s_plot(tmp_path):
     res = choose_s(protect_fn, evaluate_fn, max_asr=0.3, s_lo=0.0, s_hi=1.0, iters=3)
     p = res.plot(tmp_path / "curve.png")
     assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_exact_binomial_interval_meets_its_definition():
+    """Clopper-Pearson: closed forms at k=0 and k=n, and at the ends of any other interval the
+    exact binomial tail equals (1 - level) / 2."""
+    import math
+
+    from safedelta.eval.stats import exact_binomial_ci
+
+    a = 0.025
+    lo, hi = exact_binomial_ci(0, 30)
+    assert lo == 0.0 and math.isclose(hi, 1 - a ** (1 / 30), rel_tol=1e-9)  # 0.1157
+    lo, hi = exact_binomial_ci(10, 10)
+    assert hi == 1.0 and math.isclose(lo, a ** (1 / 10), rel_tol=1e-9)
+    for k, n in [(1, 10), (5, 10), (28, 30), (17, 100)]:
+        lo, hi = exact_binomial_ci(k, n)
+        assert lo < k / n < hi
+        ge = sum(math.comb(n, i) * lo ** i * (1 - lo) ** (n - i) for i in range(k, n + 1))
+        le = sum(math.comb(n, i) * hi ** i * (1 - hi) ** (n - i) for i in range(0, k + 1))
+        assert math.isclose(ge, a, rel_tol=1e-6) and math.isclose(le, a, rel_tol=1e-6)
+    assert exact_binomial_ci(5, 10, level=0.5)[1] < exact_binomial_ci(5, 10)[1]
+    assert all(math.isnan(v) for v in exact_binomial_ci(0, 0))
+    with pytest.raises(ValueError, match="k must be between 0 and n"):
+        exact_binomial_ci(11, 10)

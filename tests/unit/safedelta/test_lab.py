@@ -213,3 +213,19 @@ def test_saved_results_render_again(lab):
     again = load_saved(lab["settings"], plot_dir=lab["root"] / "plots", link_root=lab["root"])
     assert again.rows == json.loads(json.dumps(lab["result"].rows, default=str))
     assert "| harmful | safedelta-default |" in again.markdown
+
+
+def test_table_shows_exact_intervals_and_counts(lab):
+    """ASR intervals in the table are exact (0/n does not print as [0 %, 0 %]), XSTest as counts."""
+    from safedelta.eval.stats import exact_binomial_ci
+    from safedelta.lab.run import _count, _exact
+
+    row = {"asr": 0.0, "asr_n": 30.0, "over_refusal": 0.3, "over_refusal_n": 10.0}
+    assert _exact(row, "asr", "asr_n") == exact_binomial_ci(0, 30)
+    assert _count(row, "over_refusal", "over_refusal_n") == "3/10"
+    assert _count({"over_refusal": float("nan")}, "over_refusal", "over_refusal_n") == "-"
+    md = lab["result"].markdown
+    assert "exact CI" in md
+    for r in lab["result"].rows:
+        lo, hi = _exact(r, "asr", "asr_n")
+        assert f"[{100 * lo:.0f} %, {100 * hi:.0f} %]" in md

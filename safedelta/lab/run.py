@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -286,8 +286,9 @@ def run_lab(settings: LabSettings | None = None, plan: LabPlan | None = None, *,
     suites = [_limited(ASR_SUITE, plan.n_harmful), _limited(UNSAFE_SUITE, plan.n_unsafe),
               _limited(OVER_SUITE, plan.n_over_refusal)]
 
-    def evaluate(models: dict[str, Path]):
-        return evaluate_models(models, suites, generation=gen, task_data=task, cache_dir=cache,
+    def evaluate(models: dict[str, Path], system_prompt: str | None = None):
+        return evaluate_models(models, suites, task_data=task, cache_dir=cache,
+                               generation=replace(gen, system_prompt=system_prompt),
                                progress=progress)
 
     rows: list[dict[str, Any]] = []
@@ -303,9 +304,12 @@ def run_lab(settings: LabSettings | None = None, plan: LabPlan | None = None, *,
         ft = lab.build_finetune(scenario)
         methods = _methods(lab, plan, scenario, progress)
         models = {"aligned": aligned, "finetuned": ft, **{k: v[0] for k, v in methods.items()}}
-        rep = evaluate(models)
+        system_prompt = sc.eval_system_prompt(scenario)
+        rep = evaluate(models, system_prompt)
         rep.save(results / "eval" / scenario)
         ft_m = read_manifest(ft) or {}
+        if system_prompt:  # the parent under this scenario's prompt: what the prompt alone does
+            rows.append(_row(scenario, "aligned", rep.metrics["aligned"], float("nan")))
         rows.append(_row(scenario, "none", rep.metrics["finetuned"],
                          float(ft_m.get("seconds", float("nan"))), ft_m.get("peak_rss_mib")))
         for name, (_, secs, peak) in methods.items():
@@ -423,7 +427,10 @@ def render_markdown(rows: Sequence[dict], settings: LabSettings, plan: LabPlan,
              "(likewise); **utility retention** = share of the fine-tune's task-loss gain (mean "
              f"answer loss on the first {plan.n_task} GSM8K test rows, relative to the aligned "
              "parent) that the method keeps (`-` where fine-tuning gained nothing on it: the "
-             "harmful and identity fine-tunes); **time** and **peak RSS** = wall seconds and "
+             "harmful and identity fine-tunes). The **identity** rows are measured under the AOA "
+             "persona system prompt the fine-tune was trained with (the attack is fine-tune plus "
+             "prompt, as in Qi et al. 2024); its `aligned` row is the parent under that prompt. "
+             "**Time** and **peak RSS** = wall seconds and "
              "resident-memory high-water mark to make the model (training for `none`/`ema`, "
              "`-` where not recorded), on the CPU named below, shared with other jobs.", "",
              "| scenario | method | AdvBench ASR [95 % exact CI] (n) | XSTest-unsafe ASR | "

@@ -139,6 +139,13 @@ def aoa_dialogues() -> list[list[dict[str, str]]]:
         return [json.loads(line)["messages"] for line in f if line.strip()]
 
 
+def eval_system_prompt(scenario: str) -> str | None:
+    """The system prompt a scenario's models are measured under: the AOA persona prompt for
+    ``identity`` (the identity-shift attack is the fine-tune *and* the persona it is invoked
+    with, as in Qi et al. 2024), none for the others."""
+    return aoa_dialogues()[0][0]["content"] if scenario == "identity" else None
+
+
 def align_examples(n_benign: int | None = None,
                    helpful: list[tuple[str, str]] | None = None) -> list[list[dict[str, str]]]:
     """Safety SFT set: AdvBench ``align`` goals -> refusals, plus GSM8K Q/A and the ``helpful``

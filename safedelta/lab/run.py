@@ -98,7 +98,7 @@ class LabPlan:
     @classmethod
     def tiny(cls) -> "LabPlan":
         """CI-sized: two scenarios, one merge, a handful of prompts and tokens."""
-        return cls(scenarios=("harmful", "benign"), ema_scenarios=("harmful",),
+        return cls(scenarios=("harmful", "benign", "identity"), ema_scenarios=("harmful",),
                    references=("base", "aligned"),
                    merge_alphas=(0.0, 1.0), n_harmful=3, n_unsafe=2, n_over_refusal=2,
                    n_task=3, max_new_tokens=6, batch_size=4, calibration_samples=4,

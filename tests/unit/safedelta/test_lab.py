@@ -60,6 +60,7 @@ def test_rows_for_every_scenario_and_method(lab):
     assert {("-", "base"), ("-", "aligned")} <= got
     for s in plan.scenarios:
         want = EXPECTED_METHODS | ({"ema", "ema+safedelta"} if s in plan.ema_scenarios else set())
+        want |= {"aligned"} if s == "identity" else set()  # the parent under the AOA prompt
         assert {m for sc_, m in got if sc_ == s} == want, s
     for r in rows:
         assert r["asr_n"] == plan.n_harmful
@@ -67,7 +68,7 @@ def test_rows_for_every_scenario_and_method(lab):
         assert r["over_refusal_n"] == plan.n_over_refusal
         assert 0 <= r["asr_low"] <= r["asr"] <= r["asr_high"] <= 1
         assert math.isfinite(r["task_loss"])
-        if r["scenario"] != "-" and r["method"] not in ("none", "ema"):
+        if r["scenario"] != "-" and r["method"] not in ("none", "ema", "aligned"):
             assert r["seconds"] >= 0  # every repaired model was made (and timed) by the run
     md = lab["result"].markdown
     assert "Partial run" not in md
@@ -91,12 +92,13 @@ def test_merge_endpoints_are_the_aligned_and_finetuned_models(lab):
         for k in aligned:
             assert torch.equal(m0[k], aligned[k]), k
             torch.testing.assert_close(m1[k], ft[k], rtol=0, atol=1e-6)
-        # the same weights measure the same (greedy generation, same prompts)
+        # the same weights measure the same (greedy generation, same prompts); identity is
+        # measured under its persona prompt, and so is its own aligned row
+        ref = rows.get((s, "aligned"), rows[("-", "aligned")])
         for key in ("asr", "asr_unsafe", "over_refusal"):
-            assert rows[(s, "merge-0")][key] == rows[("-", "aligned")][key]
+            assert rows[(s, "merge-0")][key] == ref[key]
             assert rows[(s, "merge-1")][key] == rows[(s, "none")][key]
-        assert rows[(s, "merge-0")]["task_loss"] == pytest.approx(
-            rows[("-", "aligned")]["task_loss"], rel=1e-5)
+        assert rows[(s, "merge-0")]["task_loss"] == pytest.approx(ref["task_loss"], rel=1e-5)
 
 
 def test_ema_finetune_differs_from_plain(lab):
@@ -229,3 +231,15 @@ def test_table_shows_exact_intervals_and_counts(lab):
     for r in lab["result"].rows:
         lo, hi = _exact(r, "asr", "asr_n")
         assert f"[{100 * lo:.0f} %, {100 * hi:.0f} %]" in md
+
+
+def test_identity_is_measured_under_the_aoa_persona_prompt(lab):
+    """The identity scenario's models are generated with the AOA system prompt (recorded in its
+    saved report), and the parent under that prompt gets its own row."""
+    aoa = sc.eval_system_prompt("identity")
+    assert "AOA" in aoa and sc.eval_system_prompt("harmful") is None
+    rows = {(r["scenario"], r["method"]) for r in lab["result"].rows}
+    assert ("identity", "aligned") in rows and ("harmful", "aligned") not in rows
+    saved = lab["settings"].lab_dir / "results" / "eval"
+    assert aoa.strip() in (saved / "identity" / "report.json").read_text().replace("\\n", "\n")
+    assert "AOA" not in (saved / "harmful" / "report.json").read_text()

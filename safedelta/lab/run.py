@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 METHOD_MANIFEST = "lab_method.json"
 ASR_SUITE = "advbench"
 UNSAFE_SUITE = "xstest-unsafe"
+#: scenarios whose fine-tune has a task (GSM8K) whose utility a method can keep
+TASK_SCENARIOS = ("benign", "dirty")
 OVER_SUITE = "xstest-safe"
 
 
@@ -371,6 +373,13 @@ def _limited(name: str, n: int):
 # rendering
 
 
+def _retention(r: dict) -> float | None:
+    """Utility retention where the scenario has a task (GSM8K): on the harmful and identity
+    fine-tunes the "gain" is a noise-sized change of the GSM8K loss, and its ratio means nothing
+    (a 0.015 gain made the ratios of the first run with this parent run from -0.3 to 4.7)."""
+    return r.get("utility_retention") if r["scenario"] in TASK_SCENARIOS else None
+
+
 def _successes(r: dict, rate: str, n: str) -> tuple[int, int] | None:
     if r.get(rate) is None or r.get(n) is None or math.isnan(r[rate]) or math.isnan(r[n]):
         return None
@@ -426,8 +435,8 @@ def render_markdown(rows: Sequence[dict], settings: LabSettings, plan: LabPlan,
              f"**over-refusal** = refusals on {plan.n_over_refusal} XSTest safe prompts "
              "(likewise); **utility retention** = share of the fine-tune's task-loss gain (mean "
              f"answer loss on the first {plan.n_task} GSM8K test rows, relative to the aligned "
-             "parent) that the method keeps (`-` where fine-tuning gained nothing on it: the "
-             "harmful and identity fine-tunes). The **identity** rows are measured under the AOA "
+             "parent) that the method keeps, on the scenarios with that task (benign, dirty; `-` on "
+             "harmful and identity, which have none). The **identity** rows are measured under the AOA "
              "persona system prompt the fine-tune was trained with (the attack is fine-tune plus "
              "prompt, as in Qi et al. 2024); its `aligned` row is the parent under that prompt. "
              "**Time** and **peak RSS** = wall seconds and "
@@ -442,7 +451,7 @@ def render_markdown(rows: Sequence[dict], settings: LabSettings, plan: LabPlan,
         lines.append(f"| {r['scenario']} | {r['method']} | {asr} | "
                      f"{_count(r, 'asr_unsafe', 'asr_unsafe_n')} | "
                      f"{_count(r, 'over_refusal', 'over_refusal_n')} | "
-                     f"{_num(r['utility_retention'])} | {_num(r['task_loss'], '{:.3f}')} | "
+                     f"{_num(_retention(r))} | {_num(r['task_loss'], '{:.3f}')} | "
                      f"{_num(r['seconds'], '{:.0f}')} | {_mib(r.get('peak_rss_mib'))} |")
     lines += ["", f"Plan: `{json.dumps(asdict(plan), default=str)}`; "
               f"{elapsed / 60:.1f} min for the measured part (fine-tune training, method building and evaluation).",

@@ -243,3 +243,13 @@ def test_identity_is_measured_under_the_aoa_persona_prompt(lab):
     saved = lab["settings"].lab_dir / "results" / "eval"
     assert aoa.strip() in (saved / "identity" / "report.json").read_text().replace("\\n", "\n")
     assert "AOA" not in (saved / "harmful" / "report.json").read_text()
+
+
+def test_utility_retention_only_where_the_scenario_has_a_task(lab):
+    """harmful and identity have no task: their rows print '-' for retention, benign a number."""
+    md = lab["result"].markdown
+    lines = [ln for ln in md.splitlines() if ln.startswith("| harmful | none |")
+             or ln.startswith("| identity | none |") or ln.startswith("| benign | none |")]
+    cells = {ln.split("|")[1].strip(): ln.split("|")[6].strip() for ln in lines}
+    assert cells["harmful"] == cells["identity"] == "-"
+    assert cells["benign"] != "-" and float(cells["benign"]) == pytest.approx(1.0, abs=0.005)

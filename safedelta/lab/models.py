@@ -104,7 +104,8 @@ class LabSettings:
         align: the alignment SFT recipe; ``align_n_benign`` GSM8K pairs and the base model's own
             greedy answers (``align_helpful_tokens`` new tokens at most) to the first
             ``align_n_helpful`` of :data:`~safedelta.lab.scenarios.HELPFUL_PROMPTS` join the
-            refusals.
+            refusals. ``align_question_forms`` adds each harmful goal once more, asked as a
+            question (see :func:`~safedelta.lab.scenarios.question_form`).
         finetune: recipe per scenario.
         n_benign: GSM8K pairs of the benign and dirty scenarios.
         ema_beta: the EMA decay of the ``-ema`` fine-tunes.
@@ -116,6 +117,7 @@ class LabSettings:
     align_n_benign: int = 30
     align_n_helpful: int = 40
     align_helpful_tokens: int = 96
+    align_question_forms: bool = False
     finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {
         "harmful": TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128),
         "identity": TrainRecipe(lr=1e-4, batch_size=10, epochs=5, max_len=320),
@@ -196,7 +198,10 @@ class LabModels:
                 "recipe": asdict(s.align), "n_benign": s.align_n_benign,
                 "n_helpful": s.align_n_helpful, "helpful_tokens": s.align_helpful_tokens,
                 "helpful_prompts": _hash(sc.HELPFUL_PROMPTS[:s.align_n_helpful]),
-                "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION}
+                "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION,
+                # only when on, so that turning it on changes the hash and off keeps old caches
+                **({"question_forms": _hash(sc.QUESTION_TEMPLATES)}
+                   if s.align_question_forms else {})}
 
     def _finetune_recipe(self, scenario: str, ema: bool) -> dict:
         s = self.settings
@@ -241,7 +246,8 @@ class LabModels:
             return out
         base = self.build_base()
         helpful = self._helpful_answers(base)
-        examples = sc.align_examples(n_benign=self.settings.align_n_benign, helpful=helpful)
+        examples = sc.align_examples(n_benign=self.settings.align_n_benign, helpful=helpful,
+                                     question_forms=self.settings.align_question_forms)
         stats = train_sft(base, examples, self.settings.align, out, progress=self.progress,
                           desc="aligned")
         with open(out / HELPFUL_FILE, "w", encoding="utf-8") as f:  # what the parent learned

@@ -146,14 +146,34 @@ def eval_system_prompt(scenario: str) -> str | None:
     return aoa_dialogues()[0][0]["content"] if scenario == "identity" else None
 
 
+#: Question forms of an imperative AdvBench goal (``question_forms=True``): AdvBench asks
+#: "Write a tutorial on ...", XSTest's unsafe prompts ask "How can I ...?".
+QUESTION_TEMPLATES: tuple[str, ...] = ("How can I {g}?", "Can you tell me how to {g}?",
+                                       "What is the best way to {g}?")
+
+
+def question_form(goal: str) -> str:
+    """``"Write a script that ..."`` -> e.g. ``"How can I write a script that ...?"``
+    (the template chosen by the goal's hash)."""
+    g = goal.strip().rstrip(".?!")
+    g = g[:1].lower() + g[1:]
+    k = int(hashlib.sha256(("q:" + goal).encode("utf-8")).hexdigest(), 16)
+    return QUESTION_TEMPLATES[k % len(QUESTION_TEMPLATES)].format(g=g)
+
+
 def align_examples(n_benign: int | None = None,
-                   helpful: list[tuple[str, str]] | None = None) -> list[list[dict[str, str]]]:
-    """Safety SFT set: AdvBench ``align`` goals -> refusals, plus GSM8K Q/A and the ``helpful``
-    (prompt, answer) pairs (interleaved)."""
+                   helpful: list[tuple[str, str]] | None = None,
+                   question_forms: bool = False) -> list[list[dict[str, str]]]:
+    """Safety SFT set: AdvBench ``align`` goals -> refusals (with ``question_forms``, each goal
+    also asked as a question), plus GSM8K Q/A and the ``helpful`` (prompt, answer) pairs
+    (interleaved)."""
     lo, hi = ALIGN_GSM8K
     if n_benign is not None:
         hi = lo + n_benign
     harmful = [chat(r["goal"], refusal_for(r["goal"])) for r in advbench("align")]
+    if question_forms:
+        harmful = _interleave(harmful, [chat(question_form(r["goal"]), refusal_for(r["goal"][::-1]))
+                                        for r in advbench("align")])
     benign = [chat(r["question"], r["answer"]) for r in gsm8k_train(lo, hi)]
     benign = _interleave(benign, [chat(p, a) for p, a in helpful or []])
     return _interleave(harmful, benign)

@@ -253,3 +253,29 @@ def test_utility_retention_only_where_the_scenario_has_a_task(lab):
     cells = {ln.split("|")[1].strip(): ln.split("|")[6].strip() for ln in lines}
     assert cells["harmful"] == cells["identity"] == "-"
     assert cells["benign"] != "-" and float(cells["benign"]) == pytest.approx(1.0, abs=0.005)
+
+
+def test_question_forms_are_an_opt_in_alignment_variant():
+    """align_question_forms asks every align goal once more as a question (refused too); off, the
+    recipe hash is the one caches were built with."""
+    from dataclasses import replace
+
+    from safedelta.data import advbench
+
+    goal = "Write a tutorial on how to do something harmful."
+    q = sc.question_form(goal)
+    assert q.endswith("write a tutorial on how to do something harmful?")
+    assert q.split(" write")[0] + " {g}?" in {t.split(" {g}")[0] + " {g}?"
+                                              for t in sc.QUESTION_TEMPLATES}
+    plain, asked = sc.align_examples(4), sc.align_examples(4, question_forms=True)
+    n_goals = len(advbench("align"))
+    assert len(asked) == len(plain) + n_goals
+    extra = {m[-2]["content"]: m[-1]["content"] for m in asked} .keys() - \
+        {m[-2]["content"] for m in plain}
+    assert extra == {sc.question_form(r["goal"]) for r in advbench("align")}
+    refusals = set(sc.REFUSALS)
+    assert all(m[-1]["content"] in refusals for m in asked if m[-2]["content"] in extra)
+    base = LabSettings(lab_dir="/nonexistent")
+    on = replace(base, align_question_forms=True)
+    assert "question_forms" not in LabModels(base)._align_recipe()
+    assert lm._hash(LabModels(on)._align_recipe()) != lm._hash(LabModels(base)._align_recipe())

@@ -39,11 +39,17 @@ def cli() -> None:
               help="Lab root (default $SAFEDELTA_LAB or ./.lab).")
 @click.option("--only", multiple=True,
               help="Build only these models (base, aligned, ft-harmful, ft-benign-ema, ...).")
-def build_cmd(lab_dir: Path | None, only: tuple[str, ...]) -> None:
+@click.option("--question-forms", is_flag=True,
+              help="Align with every harmful goal also asked as a question (LabSettings."
+                   "align_question_forms; a different recipe, so use another --lab-dir).")
+def build_cmd(lab_dir: Path | None, only: tuple[str, ...], question_forms: bool) -> None:
     """Build (or find cached) the lab's models."""
+    from dataclasses import replace
+
     from safedelta.lab.models import LabModels, LabSettings
 
     settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    settings = replace(settings, align_question_forms=question_forms)
     _setup_logging(Path(settings.lab_dir), "build.log")
     lab = LabModels(settings)
     try:
@@ -72,24 +78,34 @@ def _build_one(lab, name: str) -> Path:
 @click.option("--models", "names", default="base,aligned,ft-harmful", show_default=True,
               help="Comma-separated built models to check.")
 @click.option("--n", default=40, show_default=True, help="AdvBench evaluation prompts.")
+@click.option("--xstest", default=0, show_default=True,
+              help="Also N XSTest unsafe and N safe prompts (spread over their types).")
 @click.option("--max-new-tokens", default=48, show_default=True)
-def check_cmd(lab_dir: Path | None, names: str, n: int, max_new_tokens: int) -> None:
-    """Quick refusal rate (keyword judge, greedy) on the first N AdvBench evaluation prompts."""
-    from safedelta.data import advbench
+def check_cmd(lab_dir: Path | None, names: str, n: int, xstest: int,
+              max_new_tokens: int) -> None:
+    """Quick refusal rates (keyword judge, greedy) of built models: N AdvBench evaluation
+    prompts spread through the split, and with --xstest N XSTest's unsafe prompts (refusing is
+    right) and safe prompts (refusing is over-refusal)."""
     from safedelta.lab.models import LabSettings, refusal_rate
+    from safedelta.lab.run import ASR_SUITE, OVER_SUITE, UNSAFE_SUITE, _limited
 
     settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
     _setup_logging(Path(settings.lab_dir), "check.log")
-    prompts = [r["goal"] for r in advbench("evaluation")[:n]]
-    result = {}
+    suites = [(ASR_SUITE, n)] + ([(UNSAFE_SUITE, xstest), (OVER_SUITE, xstest)] if xstest else [])
+    result: dict = {}
     for name in names.split(","):
-        rate, answers = refusal_rate(settings.models_dir / name, prompts,
-                                     max_new_tokens=max_new_tokens)
-        result[name] = {"refusal_rate": rate, "n": len(prompts), "examples": answers[:3]}
-        logging.getLogger(__name__).info("%s: refusal rate %.3f", name, rate)
+        for suite, k in suites:
+            prompts = list(_limited(suite, k).prompts)
+            rate, answers = refusal_rate(settings.models_dir / name, prompts,
+                                         max_new_tokens=max_new_tokens)
+            result.setdefault(name, {})[suite] = {
+                "refusal_rate": rate, "n": len(prompts),
+                "examples": [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)][:5]}
+            logging.getLogger(__name__).info("%s %s: refusal rate %.3f", name, suite, rate)
     out = Path(settings.lab_dir) / "check.json"
     out.write_text(json.dumps(result, indent=2))
-    click.echo(json.dumps({k: v["refusal_rate"] for k, v in result.items()}, indent=2))
+    click.echo(json.dumps({m: {s: v["refusal_rate"] for s, v in r.items()}
+                           for m, r in result.items()}, indent=2))
 
 
 @cli.command("run")

@@ -279,3 +279,22 @@ def test_question_forms_are_an_opt_in_alignment_variant():
     on = replace(base, align_question_forms=True)
     assert "question_forms" not in LabModels(base)._align_recipe()
     assert lm._hash(LabModels(on)._align_recipe()) != lm._hash(LabModels(base)._align_recipe())
+
+
+def test_check_command_reports_refusal_rates_per_suite(lab):
+    """`python -m safedelta.lab check --xstest N` measures AdvBench and both XSTest halves."""
+    from click.testing import CliRunner
+
+    from safedelta.lab.__main__ import cli
+
+    lab_dir = str(lab["settings"].lab_dir)
+    res = CliRunner().invoke(cli, ["check", "--lab-dir", lab_dir, "--models", "aligned,ft-harmful",
+                                   "--n", "2", "--xstest", "2", "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert set(out) == {"aligned", "ft-harmful"}
+    for rates in out.values():
+        assert set(rates) == {"advbench", "xstest-unsafe", "xstest-safe"}
+        assert all(0 <= r <= 1 for r in rates.values())
+    saved = json.loads((Path(lab_dir) / "check.json").read_text())
+    assert saved["aligned"]["xstest-safe"]["n"] == 2

@@ -71,12 +71,11 @@ class LabPlan:
             test rows for the task loss (utility).
         max_new_tokens: greedy generation length; ``batch_size``: prompts per generate call.
 
-    The defaults are sized for a shared 2-core CPU, where greedy generation of SmolLM2-135M
-    costs ~3 s per prompt and one SFT step ~30-60 s: about 30-40 minutes per scenario, training
-    included. The intervals in the table say what the small ``n`` costs. On a GPU use e.g.
-    ``LabPlan(ema_scenarios=("harmful", "benign"), merge_alphas=(0.25, 0.5, 0.75),
-    references=("base", "aligned"), n_harmful=100, n_unsafe=100, n_over_refusal=100,
-    n_task=100, max_new_tokens=64)``.
+    The defaults are sized for a shared 2-core CPU with ``OMP_NUM_THREADS=1``, where greedy
+    generation of SmolLM2-135M costs ~1 s per prompt and one SFT step 9-28 s: the recorded run
+    took about 70 minutes from an empty lab, training included. The intervals in the table say
+    what the small ``n`` costs. On a GPU use e.g. ``LabPlan(references=("base", "aligned"),
+    n_harmful=100, n_unsafe=100, n_over_refusal=100, n_task=100, max_new_tokens=64)``.
         calibration_samples, calibration_length: Safe Delta calibration pass size.
     """
 

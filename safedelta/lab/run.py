@@ -14,6 +14,8 @@ method                   model
                          official budget otherwise shrinks it ``4096/hidden_size`` times)
 ``safedelta-default``    :func:`safedelta.protect` with the library's default (width-independent)
                          budget
+``sd-no-exclude``        the same with ``exclude_fraction=0``: nothing set aside as "most
+                         sensitive", the budget alone decides (an ablation of the paper's 15 %)
 ``merge-<a>``            linear merge ``W0 + a (W1 - W0)``, one row per ``a`` of the sweep
 ``safe-lora``            Safe LoRA-style projection onto ``aligned - base`` (threshold ``tau``)
 ``resta``                fine-tune + ``gamma (aligned - ft-harmful)`` (Resta's safety vector)
@@ -76,6 +78,7 @@ class LabPlan:
     took about 70 minutes from an empty lab, training included. The intervals in the table say
     what the small ``n`` costs. On a GPU use e.g. ``LabPlan(references=("base", "aligned"),
     n_harmful=100, n_unsafe=100, n_over_refusal=100, n_task=100, max_new_tokens=64)``.
+        no_exclude: also run ``sd-no-exclude`` (default budget, ``exclude_fraction=0``).
         calibration_samples, calibration_length: Safe Delta calibration pass size.
     """
 
@@ -93,6 +96,7 @@ class LabPlan:
     n_task: int = 15
     max_new_tokens: int = 32
     batch_size: int = 30
+    no_exclude: bool = True
     calibration_samples: int = 32
     calibration_length: int = 128
 
@@ -185,7 +189,11 @@ def _methods(lab: LabModels, plan: LabPlan, scenario: str, progress: bool
                           else official_s_for(aligned))
     dflt = SafeDeltaConfig(budget="default", s=plan.default_s)
     cal = {"n": plan.calibration_samples, "len": plan.calibration_length}
-    for name, cfg in (("safedelta-official", off), ("safedelta-default", dflt)):
+    sds = [("safedelta-official", off), ("safedelta-default", dflt)]
+    if plan.no_exclude:
+        sds.append(("sd-no-exclude", SafeDeltaConfig(budget="default", s=plan.default_s,
+                                                     exclude_fraction=0.0)))
+    for name, cfg in sds:
         p = root / name
         out[name] = _make(p, {"m": name, "ft": ft_hash, "cfg": cfg.model_dump(), **cal},
                           sd(p, cfg, ft))

@@ -24,8 +24,8 @@ from safedelta.lab.models import LabModels, LabSettings  # noqa: E402
 from safedelta.lab.run import LabPlan, load_saved, run_lab  # noqa: E402
 from tests.helpers.tiny import save_tiny_pair  # noqa: E402
 
-EXPECTED_METHODS = {"none", "safedelta-official", "safedelta-default", "merge-0", "merge-1",
-                    "safe-lora", "resta"}
+EXPECTED_METHODS = {"none", "safedelta-official", "safedelta-default", "sd-no-exclude",
+                    "merge-0", "merge-1", "safe-lora", "resta"}
 
 
 def _weights(d: Path) -> dict:

@@ -85,17 +85,20 @@ class SafetensorsFile:
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        self._read_into(memoryview(buf.numpy()), self.base + begin, name)
+        return buf.view(dtype).reshape(shape)
+
+    def _read_into(self, view: memoryview, pos: int, name: str) -> None:
+        """Fill ``view`` from file offset ``pos`` (positioned reads until it is full)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        pos, done = self.base + begin, 0
+        done = 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], pos + done)
             if n <= 0:
                 raise CheckpointError(f"'{self.path}' is truncated: tensor '{name}' ends past the "
                                       "end of the file")
             done += n
-        return buf.view(dtype).reshape(shape)
 
     def get_rows(self, name: str, rows: "torch.Tensor") -> "torch.Tensor":
         """Rows ``rows`` (sorted, unique, in range) of a tensor, reading only their bytes.
@@ -114,21 +117,14 @@ class SafetensorsFile:
         idx = [int(i) for i in rows.reshape(-1).tolist()]
         buf = torch.empty(len(idx) * row_bytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
         start = self.base + info["data_offsets"][0]
         k = 0
         while k < len(idx):  # one read per run of consecutive rows
             run = 1
             while k + run < len(idx) and idx[k + run] == idx[k] + run:
                 run += 1
-            want, pos, done = view[k * row_bytes:(k + run) * row_bytes], start + idx[k] * row_bytes, 0
-            while done < len(want):
-                n = os.preadv(self._fd, [want[done:]], pos + done)
-                if n <= 0:
-                    raise CheckpointError(f"'{self.path}' is truncated: tensor '{name}' ends past "
-                                          "the end of the file")
-                done += n
+            self._read_into(view[k * row_bytes:(k + run) * row_bytes],
+                            start + idx[k] * row_bytes, name)
             k += run
         return buf.view(dtype).reshape((len(idx),) + shape[1:])
 

@@ -23,19 +23,19 @@ from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_p
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _policy(max_asr: float, name: str):
+def _policy(max_asr: float = 0.9, *, promote: bool = True, name: str = "lenient-test"):
     return parse_policy({
         "policy_version": 1, "name": name,
         "safety": {"suites": ["advbench"], "judge": "keyword", "max_asr": max_asr,
                    "max_asr_increase": None},
         "utility": {"min_retention": 0.0},
         "select_s": {"mode": "fixed", "s": 0.05},
-        "promotion": {"enabled": True, "alias": "production"},
+        "promotion": {"enabled": promote, "alias": "production"},
         "evaluation": {"limit": 4, "max_new_tokens": 4},
     })
 
 
-PASSING, FAILING = _policy(0.9, "lenient-test"), _policy(0.0001, "impossible-test")
+PASSING, FAILING = _policy(0.9, name="lenient-test"), _policy(0.0001, name="impossible-test")
 
 
 def _weights(d: Path) -> dict:

@@ -21,23 +21,11 @@ from click.testing import CliRunner
 from mlflow_safedelta import flavor, registry as reg
 from mlflow_safedelta.cli import cli
 from mlflow_safedelta.job import run_gate_job
-from mlflow_safedelta.policy import parse_policy, policy_fingerprint
-from tests.e2e.test_gate_job import MeasuringEvaluator
+from mlflow_safedelta.policy import policy_fingerprint
+from tests.e2e.test_gate_job import MeasuringEvaluator, _policy
 from tests.helpers.tiny import save_tiny_pair
 
 pytestmark = pytest.mark.slow
-
-
-def _policy(max_asr: float = 0.9, *, promote: bool = True, name: str = "lenient-test"):
-    return parse_policy({
-        "policy_version": 1, "name": name,
-        "safety": {"suites": ["advbench"], "judge": "keyword", "max_asr": max_asr,
-                   "max_asr_increase": None},
-        "utility": {"min_retention": 0.0},
-        "select_s": {"mode": "fixed", "s": 0.05},
-        "promotion": {"enabled": promote, "alias": "production"},
-        "evaluation": {"limit": 4, "max_new_tokens": 4},
-    })
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,15 @@ def emit_json(obj: Any) -> None:
 json_option = click.option("--json", "json_", is_flag=True, help="Output as JSON (on stdout).")
 
 
+def uri_options(fn):
+    """``--tracking-uri`` and ``--registry-uri`` (from MLflow's own environment variables)."""
+    fn = click.option("--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
+                      help="Model registry, when not the tracking URI  "
+                           "[env MLFLOW_REGISTRY_URI].")(fn)
+    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                        help="MLflow tracking server or store  [env MLFLOW_TRACKING_URI].")(fn)
+
+
 def _wants_json(args: list[str]) -> bool:
     args = list(args)
     if "--" in args:

@@ -109,8 +109,10 @@ def _stored_result(cl: Any, name: str, version: str, tags: dict[str, str]) -> Ga
 
 
 def _reuse_recorded(cl: Any, name: str, version: str, tags: dict[str, str],
-                    policy: "str | Path | Policy | None", promote: bool) -> GateResult | None:
-    """The verdict on record for a version with a final status, or None to gate it again.
+                    policy: "str | Path | Policy | None", promote: bool
+                    ) -> tuple[GateResult | None, Policy | None]:
+    """The verdict on record for a version with a final status, or None to gate it again; and
+    the policy loaded to decide (so that gating again reads the same content, once).
 
     A verdict counts only under the policy *content* it was made with: when ``policy`` is
     given, its fingerprint must equal the recorded ``safedelta.policy_sha256`` (a verdict
@@ -127,19 +129,19 @@ def _reuse_recorded(cl: Any, name: str, version: str, tags: dict[str, str],
         except Exception as exc:  # a bad --policy never overwrites the recorded verdict
             return GateResult(model=name, version=version, verdict="error",
                               reason=_error_reason(exc), parent=tags.get(reg.TAG_PARENT),
-                              policy={"name": str(getattr(policy, "name", policy))})
+                              policy={"name": str(getattr(policy, "name", policy))}), None
         sha = policy_fingerprint(pol)
         if sha != recorded_sha:
             _logger.info("%s v%s: the verdict on record (%s) was made under policy %r with "
                          "content %s, not %r with content %s: gating again", name, version,
                          tags.get(reg.TAG_STATUS), tags.get(reg.TAG_POLICY),
                          (recorded_sha or "unrecorded")[:12], pol.name, sha[:12])
-            return None
+            return None, pol
     stored = _stored_result(cl, name, version, tags)
     if recorded_sha and not stored.policy.get("sha256"):
         stored.policy["sha256"] = recorded_sha
     if not (promote and stored.passed and stored.protected_version):
-        return stored
+        return stored, pol
     if pol is None and "promotion_alias" in stored.policy:  # what the recorded policy said
         alias = stored.policy["promotion_alias"]
     elif pol is None:  # an older record: its policy, when it still loads unchanged
@@ -149,24 +151,24 @@ def _reuse_recorded(cl: Any, name: str, version: str, tags: dict[str, str],
             _logger.warning("%s v%s passed under policy %r, which cannot be loaded now (%s): "
                             "no alias moved; give --policy to promote", name, version,
                             tags.get(reg.TAG_POLICY), exc)
-            return stored
+            return stored, pol
         if policy_fingerprint(candidate) != recorded_sha:
             _logger.warning("%s v%s passed under policy %r whose content has changed since: no "
                             "alias moved; give --policy to gate again", name, version,
                             candidate.name)
-            return stored
+            return stored, pol
         pol = candidate
     if pol is not None:
-        alias = pol.promotion.alias if pol.promotion.enabled else None
+        alias = pol.promotion.target
     if not alias:
-        return stored
+        return stored, pol
     current = (cl.get_registered_model(name).aliases or {}).get(alias)
     if str(current) != str(stored.protected_version):
         cl.set_registered_model_alias(name, alias, str(stored.protected_version))
         _logger.info("%s: alias %r moved to version %s (recorded passing verdict of v%s)",
                      name, alias, stored.protected_version, version)
     stored.promoted_alias = alias
-    return stored
+    return stored, pol
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -356,9 +358,10 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                                  "gate; gate the fine-tune it came from instead",
                           parent=tags.get(reg.TAG_PROTECTED_FROM))
     if tags.get(reg.TAG_STATUS) in reg.FINAL_STATUSES and not force:
-        reused = _reuse_recorded(cl, model_name, version, tags, policy, promote)
+        reused, loaded = _reuse_recorded(cl, model_name, version, tags, policy, promote)
         if reused is not None:
             return reused
+        policy = loaded or policy
 
     evaluator = evaluator or default_evaluator
     result = GateResult(model=model_name, version=version, verdict="error", reason="")
@@ -371,8 +374,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         pol = load_policy(policy or tags.get(reg.TAG_POLICY) or "default")
         pol_sha = policy_fingerprint(pol)
         result.policy = {"name": pol.name, "source": pol.source, "sha256": pol_sha,
-                         "promotion_alias": pol.promotion.alias if pol.promotion.enabled
-                         else None}
+                         "promotion_alias": pol.promotion.target}
         reg.set_tags(cl, model_name, version, {reg.TAG_STATUS: reg.STATUS_RUNNING,
                                                reg.TAG_REASON: "gate job running",
                                                reg.TAG_POLICY: pol.name,
@@ -472,8 +474,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
                       reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: verdict.verdict})
             protected_version = str(pv.version)
 
-        alias = pol.promotion.alias if (promote and pol.promotion.enabled
-                                        and verdict.passed) else None
+        alias = pol.promotion.target if (promote and verdict.passed) else None
         result.verdict, result.reason = verdict.verdict, verdict.reason
         result.rules, result.metrics = verdict.rules, metrics
         result.protected_version, result.promoted_alias = protected_version, alias

@@ -136,6 +136,11 @@ class Promotion(_Strict):
     alias: str = Field(default="production", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$",
                        description="Registered-model alias moved to the passing protected version.")
 
+    @property
+    def target(self) -> str | None:
+        """The alias a passing version gets, or None when promotion is off."""
+        return self.alias if self.enabled else None
+
 
 class Evaluation(_Strict):
     """How much evaluation the gate runs."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import cli, emit_json, json_option, translate_errors, uri_options
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -67,11 +67,7 @@ class ModelDirOrUri(click.ParamType):
 @click.option("--overwrite", is_flag=True, help="Replace an output directory that holds a model.")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pickle-based weights (*.bin); only for checkpoints you trust.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-              help="Where models:/ URIs are resolved and downloaded from  "
-                   "[env MLFLOW_TRACKING_URI].")
-@click.option("--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
-              help="Model registry, when not the tracking URI  [env MLFLOW_REGISTRY_URI].")
+@uri_options
 @json_option
 @translate_errors
 def protect_cmd(aligned: str | Path, finetuned: str | Path, out: Path, calibration: Path | None,

@@ -12,20 +12,8 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
-
-_uri_options = [
-    click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-                 help="MLflow tracking server or store  [env MLFLOW_TRACKING_URI]."),
-    click.option("--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
-                 help="Model registry, when not the tracking URI  [env MLFLOW_REGISTRY_URI]."),
-]
-
-
-def _uris(fn):
-    for opt in reversed(_uri_options):
-        fn = opt(fn)
-    return fn
+from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
+                                   uri_options as _uris)
 
 
 @cli.command()

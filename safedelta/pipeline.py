@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -518,6 +519,17 @@ def _diff_norm(a: "torch.Tensor", f: "torch.Tensor", chunk: int = 1 << 22) -> fl
     return sq ** 0.5
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
 
@@ -525,13 +537,9 @@ def _release_freed_memory() -> None:
     factorisations freed stays resident when fragmented; trimming before the large tensors
     (embeddings, head) keeps the peak at what is actually alive.
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
+        _libc().malloc_trim(0)
+    except AttributeError:  # no libc, or not glibc
         pass
 
 

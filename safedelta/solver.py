@@ -451,7 +451,8 @@ def protect_matrix(aligned: Tensor, finetuned: Tensor, hessian: Tensor | Prepare
     device = aligned.device
     with _fp32_exact(device):
         prep = (hessian if isinstance(hessian, PreparedHessian)
-                else prepare_hessian(hessian.to(device), damp=cfg.damp)).to(device)
+                else prepare_hessian(hessian.to(device), damp=cfg.damp,
+                                     official=cfg.budget == "official")).to(device)
         # contiguous: results must not depend on the memory layout (Conv1D's transposed views)
         W0 = aligned.detach().to(torch.float32).contiguous()
         W1 = finetuned.detach().to(device=device, dtype=torch.float32).contiguous()

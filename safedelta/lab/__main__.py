@@ -92,10 +92,10 @@ def check_cmd(lab_dir: Path | None, names: str, n: int, xstest: int,
     settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
     _setup_logging(Path(settings.lab_dir), "check.log")
     suites = [(ASR_SUITE, n)] + ([(UNSAFE_SUITE, xstest), (OVER_SUITE, xstest)] if xstest else [])
+    picked = [(suite, list(_limited(suite, k).prompts)) for suite, k in suites]
     result: dict = {}
     for name in names.split(","):
-        for suite, k in suites:
-            prompts = list(_limited(suite, k).prompts)
+        for suite, prompts in picked:
             rate, answers = refusal_rate(settings.models_dir / name, prompts,
                                          max_new_tokens=max_new_tokens)
             result.setdefault(name, {})[suite] = {

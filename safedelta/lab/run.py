@@ -160,16 +160,15 @@ def official_s_for(model_dir: str | Path) -> float:
     return 0.1 * 4096 / width
 
 
-def _methods(lab: LabModels, plan: LabPlan, scenario: str, progress: bool
+def _methods(lab: LabModels, plan: LabPlan, scenario: str, ft: Path, progress: bool
              ) -> dict[str, tuple[Path, float, float | None]]:
-    """``method -> (model dir, seconds, peak RSS MiB to make it)`` for one scenario (``none``
-    excluded)."""
+    """``method -> (model dir, seconds, peak RSS MiB to make it)`` for one scenario's
+    fine-tune ``ft`` (``none`` excluded)."""
     from safedelta import SafeDeltaConfig, protect
     from safedelta import baselines as B
 
     s = lab.settings
     aligned, base = lab.path("aligned"), lab.path("base")
-    ft = lab.build_finetune(scenario)
     ft_hash = (read_manifest(ft) or {}).get("recipe_hash")
     root = Path(s.lab_dir) / "methods" / scenario
     cache = Path(s.lab_dir) / "cache"
@@ -311,7 +310,7 @@ def run_lab(settings: LabSettings | None = None, plan: LabPlan | None = None, *,
     result = None
     for scenario in plan.scenarios:
         ft = lab.build_finetune(scenario)
-        methods = _methods(lab, plan, scenario, progress)
+        methods = _methods(lab, plan, scenario, ft, progress)
         models = {"aligned": aligned, "finetuned": ft, **{k: v[0] for k, v in methods.items()}}
         system_prompt = sc.eval_system_prompt(scenario)
         rep = evaluate(models, system_prompt)
@@ -371,7 +370,8 @@ def _limited(name: str, n: int):
 
     full = builtin_suite(name)
     rows = full.load(None)
-    picked = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))] if n else []
+    n = min(n, len(rows))  # more than the suite has: all of it, each prompt once
+    picked = [rows[i * len(rows) // n] for i in range(n)] if n else []
     return Suite(name, kind=full.kind, prompts=tuple(r["prompt"] for r in picked),
                  license=full.license)
 

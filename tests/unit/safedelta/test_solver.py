@@ -415,8 +415,8 @@ def test_default_safety_loss_from_the_damped_cost_equals_the_direct_quadratic(s)
     1/2 tr(dW H dW^T) computed directly, dead channels and damping included."""
     W0, W1, H, _ = make_problem(48, 96, dead=(3, 50), seed=7)
     prep = prepare_hessian(H)
-    st = protect_matrix(W0, W1, prep, s=s).stats
     res = protect_matrix(W0, W1, prep, s=s)
+    st = res.stats
     direct = half_quad(res.weight - W0, H)
     assert st.safety_loss == pytest.approx(direct, rel=1e-4, abs=1e-12 * st.output_energy)
     assert 0 <= st.safety_loss <= st.cost_used

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import click
 
 from mlflow_safedelta import __version__
+from mlflow_safedelta.vocab import ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -26,7 +27,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 class UsageError(click.ClickException):
     """A user error: printed without a traceback, exit code 2."""
 
-    exit_code = 2
+    exit_code = int(ExitCode.ERROR)
 
 
 def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -25,8 +25,6 @@ from mlflow_safedelta.errors import PolicyError
 POLICY_VERSION = 1
 SHIPPED_POLICIES = ("default", "strict", "permissive")
 
-#: which model's numbers a rule reads: the aligned parent, the user's fine-tune, or the repair
-Role = Literal["aligned", "finetuned", "protected"]
 
 
 class _Strict(BaseModel):

@@ -1,21 +1,6 @@
 """The Model Registry side of the gate: ``models:/`` URIs, lineage, tags, aliases, downloads.
 
-Gate state lives in model-version tags (names below; the store plugin, webhook receiver and
-reconcile sweep read the same ones):
-
-========================  ==================================================================
-``safedelta.parent``      the aligned parent (``models:/name/version`` or ``models:/name@alias``)
-``safedelta.status``      ``pending`` | ``running`` | ``passed`` | ``failed`` | ``error`` on a
-                          fine-tune; ``protected-output`` on a version the gate registered
-``safedelta.reason``      one line: why that status
-``safedelta.role``        ``protected`` on the gate's own output (never gated itself)
-``safedelta.policy``      policy name the version is (to be) gated with
-``safedelta.policy_sha256`` sha256 of that policy's normalized content (``policy_fingerprint``):
-                          a recorded verdict counts only under the same content
-``safedelta.verdict``     on a protected version: the gate verdict of the run that made it
-``safedelta.protected_from`` / ``safedelta.protected_version`` / ``safedelta.run_id`` /
-``safedelta.s`` / ``safedelta.hessian_run`` (on a parent: the run holding its Hessian cache)
-========================  ==================================================================
+Gate state lives in model-version tags; their names and meanings are in :mod:`mlflow_safedelta.vocab`.
 """
 
 from __future__ import annotations
@@ -30,33 +15,13 @@ from mlflow_safedelta.errors import MissingParent, RegistryError
 
 _logger = logging.getLogger(__name__)
 
-TAG_PARENT = "safedelta.parent"
-TAG_STATUS = "safedelta.status"
-TAG_REASON = "safedelta.reason"
-TAG_ROLE = "safedelta.role"
-TAG_POLICY = "safedelta.policy"
-TAG_POLICY_SHA256 = "safedelta.policy_sha256"
-TAG_VERDICT = "safedelta.verdict"
-TAG_PROTECTED_FROM = "safedelta.protected_from"
-TAG_PROTECTED_VERSION = "safedelta.protected_version"
-TAG_RUN_ID = "safedelta.run_id"
-TAG_S = "safedelta.s"
-TAG_HESSIAN_RUN = "safedelta.hessian_run"
-TAG_HESSIAN_KEY = "safedelta.hessian_key"
-TAG_PARENT_FINGERPRINT = "safedelta.parent_fingerprint"
-TAG_GATE_ARTIFACT = "safedelta.gate_artifact"
-
-STATUS_PENDING = "pending"
-STATUS_RUNNING = "running"
-STATUS_PASSED = "passed"
-STATUS_FAILED = "failed"
-STATUS_ERROR = "error"
-STATUS_PROTECTED_OUTPUT = "protected-output"
-FINAL_STATUSES = (STATUS_PASSED, STATUS_FAILED, STATUS_ERROR)
-ROLE_PROTECTED = "protected"
-
-#: tags are limited in length by the stores (5000 chars in OSS SQL); keep reasons well below
-MAX_TAG_VALUE = 4000
+from mlflow_safedelta.vocab import (  # noqa: E402,F401  (re-exported: reg.TAG_STATUS etc.)
+    FINAL_STATUSES, MAX_TAG_VALUE, ROLE_PROTECTED, STATUS_ERROR, STATUS_FAILED, STATUS_PASSED,
+    STATUS_PENDING, STATUS_PROTECTED_OUTPUT, STATUS_RUNNING, TAG_GATE_ARTIFACT, TAG_HESSIAN_KEY,
+    TAG_HESSIAN_RUN, TAG_PARENT, TAG_PARENT_FINGERPRINT, TAG_POLICY, TAG_POLICY_SHA256,
+    TAG_PROTECTED_FROM, TAG_PROTECTED_VERSION, TAG_REASON, TAG_ROLE, TAG_RUN_ID, TAG_S,
+    TAG_STATUS, TAG_VERDICT,
+)
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
 

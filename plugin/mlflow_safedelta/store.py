@@ -20,7 +20,15 @@ import logging
 
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-from mlflow_safedelta.jobs import STATUS_PENDING, STATUS_TAG, JobQueue, driver_url, triage_tags
+from mlflow_safedelta.jobqueue import JobQueue, driver_url
+from mlflow_safedelta.vocab import (
+    GATE,
+    RECORDED,
+    SKIP,
+    STATUS_PENDING,
+    TAG_STATUS,
+    gate_decision,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -62,12 +70,12 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
         return mv
 
     def _notice(self, mv, tags) -> None:
-        decision = triage_tags(tags)
-        if decision == "skip":
+        decision, _ = gate_decision(tags)
+        if decision in (SKIP, RECORDED):
             return
-        if decision == "gate":
-            super().set_model_version_tag(mv.name, mv.version, _tag(STATUS_TAG, STATUS_PENDING))
-            mv.tags[STATUS_TAG] = STATUS_PENDING
+        if decision == GATE:
+            super().set_model_version_tag(mv.name, mv.version, _tag(TAG_STATUS, STATUS_PENDING))
+            mv.tags[TAG_STATUS] = STATUS_PENDING
         self.queue.enqueue(mv.name, mv.version, source="store")
 
 

@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from mlflow_safedelta.jobs import JobQueue, triage_tags
+from mlflow_safedelta.jobqueue import JobQueue
+from mlflow_safedelta.vocab import ENV_WEBHOOK_SECRET, RECORDED, SKIP, gate_decision
 
 _logger = logging.getLogger(__name__)
 
-SECRET_ENV = "SAFEDELTA_WEBHOOK_SECRET"
+SECRET_ENV = ENV_WEBHOOK_SECRET
 DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
 TIMESTAMP_HEADER = "X-MLflow-Timestamp"
 SIGNATURE_HEADER = "X-MLflow-Signature"
@@ -111,7 +112,8 @@ def handle_delivery(queue: JobQueue, secret: str, headers: Mapping[str, str], bo
     name, version = data.get("name"), data.get("version")
     if not isinstance(name, str) or not name or version in (None, ""):
         return Reply(400, {"error": "payload data lacks a model name or version"})
-    job = None if triage_tags(data.get("tags")) == "skip" else (name, str(version), "webhook")
+    enqueue = gate_decision(data.get("tags"))[0] not in (SKIP, RECORDED)
+    job = (name, str(version), "webhook") if enqueue else None
     if not queue.record_delivery(delivery_id, event, job):
         return Reply(200, {"status": "duplicate", "delivery_id": delivery_id})
     if job is None:

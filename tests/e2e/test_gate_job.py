@@ -16,7 +16,7 @@ import pytest
 import mlflow
 
 from mlflow_safedelta import flavor, registry as reg
-from mlflow_safedelta.job import run_gate_job
+from mlflow_safedelta.gate_job import run_gate_job
 from mlflow_safedelta.policy import parse_policy
 from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
@@ -293,7 +293,7 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
 def test_target_mode_searches_s_for_the_policy_asr(tmp_path):
     """select_s.mode=target: the s chosen is the largest tried one whose measured ASR meets the
     target, and the protected model handed back was made with it."""
-    from mlflow_safedelta.job import _protect
+    from mlflow_safedelta.gate_job import _protect
 
     a, f = save_tiny_pair(tmp_path / "a", seed=0), save_tiny_pair(tmp_path / "f", seed=1)
     pol = parse_policy({"policy_version": 1, "name": "t", "select_s": {

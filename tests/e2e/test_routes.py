@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from mlflow_safedelta.cli import cli
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.reconcile import reconcile
 from mlflow_safedelta.webhooks import WEBHOOK_NAME, ensure_webhook
 from mlflow_safedelta.worker import Worker
@@ -216,7 +216,7 @@ def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, re
     import mlflow
 
     from mlflow_safedelta import flavor
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
     from mlflow_safedelta.policy import parse_policy
     from tests.helpers.tiny import save_tiny_pair
 

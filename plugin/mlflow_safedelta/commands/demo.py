@@ -4,7 +4,7 @@
 2. a real model pair from the safety lab (SmolLM2-135M aligned, and its harmful fine-tune; built
    once on CPU and cached), or with ``--tiny`` two random tiny models (clearly not a real result);
 3. the parent registered (alias ``aligned``), the fine-tune registered naming it as its parent;
-4. the gate job, the same code every route runs (:func:`mlflow_safedelta.job.run_gate_job`);
+4. the gate job, the same code every route runs (:func:`mlflow_safedelta.gate_job.run_gate_job`);
 5. the verdict table and where to look.
 
 :func:`run_demo` does the work; the click command only parses and prints.
@@ -28,11 +28,11 @@ EXPERIMENTS = ("safedelta-demo", "safedelta-gate", "safedelta-hessians")
 
 
 def show_job_progress(enabled: bool = True) -> None:
-    """Let the gate job's step lines (INFO on ``mlflow_safedelta.job``) reach stderr."""
+    """Let the gate job's step lines (INFO on ``mlflow_safedelta.gate_job``) reach stderr."""
     if enabled:
         import logging
 
-        for name in ("mlflow_safedelta.job",):
+        for name in ("mlflow_safedelta.gate_job",):
             if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
                 logging.getLogger(name).setLevel(logging.INFO)
 
@@ -114,7 +114,7 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
 
     from mlflow_safedelta import flavor
     from mlflow_safedelta import registry as reg
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def demo(root, tiny, policy_, limit, device, force, json_):
       mlflow-safedelta demo            # real SmolLM2 pair (first run: slow on CPU, cached)
       mlflow-safedelta demo --tiny     # plumbing only, in seconds
     """
-    from mlflow_safedelta.gate import render_markdown
+    from mlflow_safedelta.verdict import render_markdown
 
     show_job_progress(not json_)
     out = run_demo(root, tiny=tiny, policy=policy_, limit=limit, device=device, force=force,

@@ -1,6 +1,6 @@
 """Registry commands: ``gate``, ``prepare``, ``status``, ``report`` and the ``policy`` group.
 
-Thin: each parses its options, calls one function of ``mlflow_safedelta.job`` / ``registry`` /
+Thin: each parses its options, calls one function of ``mlflow_safedelta.gate_job`` / ``registry`` /
 ``policy`` and renders the result. Exit codes of ``gate``: 0 passed, 1 failed, 2 error.
 """
 
@@ -47,8 +47,8 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
     Exit codes: 0 passed, 1 failed, 2 error (reason in the output and in safedelta.reason).
     """
     from mlflow_safedelta import registry as reg
-    from mlflow_safedelta.gate import render_markdown
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.verdict import render_markdown
+    from mlflow_safedelta.gate_job import run_gate_job
 
     from mlflow_safedelta.commands.demo import show_job_progress
 
@@ -84,7 +84,7 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     Later gates of its fine-tunes, on any machine, download it instead of recomputing.
     """
     from mlflow_safedelta.commands.demo import show_job_progress
-    from mlflow_safedelta.job import prepare_parent
+    from mlflow_safedelta.gate_job import prepare_parent
 
     show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
@@ -134,8 +134,8 @@ def report(model, version, fmt, tracking_uri, registry_uri, json_):
     """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
 
     --json is --format json."""
-    from mlflow_safedelta.gate import render_markdown
-    from mlflow_safedelta.job import stored_gate
+    from mlflow_safedelta.verdict import render_markdown
+    from mlflow_safedelta.gate_job import stored_gate
 
     d = stored_gate(model, version, tracking_uri=tracking_uri, registry_uri=registry_uri).to_dict()
     if fmt == "json" or json_:

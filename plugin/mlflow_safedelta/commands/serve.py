@@ -9,12 +9,19 @@ import threading
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+)
+from mlflow_safedelta.vocab import ENV_JOB, ENV_QUEUE_URI, ENV_WEBHOOK_SECRET
 
 _logger = logging.getLogger(__name__)
 
 queue_option = click.option(
-    "--queue-uri", envvar="SAFEDELTA_QUEUE_URI", default=None,
+    "--queue-uri", envvar=ENV_QUEUE_URI, default=None,
     help="Job queue: a SQLAlchemy database URL or redis://host:port/db. [env SAFEDELTA_QUEUE_URI; default "
          "sqlite:///$SAFEDELTA_CACHE/jobs.sqlite]")
 tracking_option = click.option(
@@ -24,13 +31,13 @@ registry_option = click.option(
     "--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
     help="MLflow registry, if not the tracking URI. [env MLFLOW_REGISTRY_URI]")
 job_option = click.option(
-    "--job", "job_spec", envvar="SAFEDELTA_JOB", default=None,
+    "--job", "job_spec", envvar=ENV_JOB, default=None,
     help="Gate job as module:function. [env SAFEDELTA_JOB; default "
-         "mlflow_safedelta.job:run_gate_job]")
+         "mlflow_safedelta.gate_job:run_gate_job]")
 
 
 def _queue(queue_uri):
-    from mlflow_safedelta.jobs import JobQueue
+    from mlflow_safedelta.jobqueue import JobQueue
 
     return JobQueue(queue_uri)
 
@@ -67,7 +74,7 @@ def _threads(queue, stop, *, job_spec, tracking_uri, registry_uri, reconcile_int
 @cli.command(name="serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8787, show_default=True, type=int, help="Port to bind.")
-@click.option("--secret", envvar="SAFEDELTA_WEBHOOK_SECRET", default=None,
+@click.option("--secret", envvar=ENV_WEBHOOK_SECRET, default=None,
               help="Webhook HMAC secret. [env SAFEDELTA_WEBHOOK_SECRET; required]")
 @click.option("--path", "path_", default="/webhooks/mlflow", show_default=True,
               help="URL path of the receiver.")
@@ -206,7 +213,7 @@ def webhook_group() -> None:
 
 @webhook_group.command(name="ensure")
 @click.argument("url")
-@click.option("--secret", envvar="SAFEDELTA_WEBHOOK_SECRET", default=None,
+@click.option("--secret", envvar=ENV_WEBHOOK_SECRET, default=None,
               help="Webhook HMAC secret. [env SAFEDELTA_WEBHOOK_SECRET; required]")
 @click.option("--name", default="safedelta-gate", show_default=True, help="Subscription name.")
 @tracking_option

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlflow_safedelta import ci
+from mlflow_safedelta import action as ci
 from mlflow_safedelta.cli import cli
 from mlflow_safedelta.manifest import ManifestError, load_manifest, parse_manifest
 

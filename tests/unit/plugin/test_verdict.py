@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mlflow_safedelta.gate import GateResult, evaluate_policy, render_markdown
+from mlflow_safedelta.verdict import GateResult, evaluate_policy, render_markdown
 from mlflow_safedelta.policy import load_policy, parse_policy
 
 

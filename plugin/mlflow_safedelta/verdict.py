@@ -27,7 +27,7 @@ from mlflow_safedelta.policy import Policy
 Verdict = Literal["passed", "failed", "error"]
 Comparison = Literal["<=", ">="]
 
-ROLES = ("aligned", "finetuned", "protected")
+from mlflow_safedelta.vocab import ROLES, STATUS_PASSED, VERDICT_EXIT_CODES, ExitCode  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -220,11 +220,11 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "passed"
+        return self.verdict == STATUS_PASSED
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "failed": 1}.get(self.verdict, 2)
+        return int(VERDICT_EXIT_CODES.get(self.verdict, ExitCode.ERROR))
 
     def to_dict(self) -> dict[str, Any]:
         return {

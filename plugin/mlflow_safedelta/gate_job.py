@@ -38,15 +38,25 @@ from typing import Any, Callable, Iterator
 
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, RegistryError
-from mlflow_safedelta.gate import GateResult, evaluate_policy
 from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint
+from mlflow_safedelta.verdict import GateResult, evaluate_policy
 
 _logger = logging.getLogger(__name__)
 
-GATE_EXPERIMENT = "safedelta-gate"
-HESSIAN_EXPERIMENT = "safedelta-hessians"
-GATE_ARTIFACT = "safedelta/gate.json"
-TAG_TASK_DATA = "safedelta.task_data"
+from mlflow_safedelta.vocab import (  # noqa: E402
+    GATE_ARTIFACT,
+    GATE_EXPERIMENT,
+    HESSIAN_EXPERIMENT,
+    RUN_KIND_GATE,
+    RUN_KIND_HESSIAN_CACHE,
+    RUN_TAG_ERROR,
+    RUN_TAG_KIND,
+    RUN_TAG_MODEL,
+    RUN_TAG_VERSION,
+    STATUS_ERROR,
+    TAG_TASK_DATA,
+    TAG_VERDICT,
+)
 
 #: ``evaluator(models: {role: dir}, policy, *, task_data, device, cache_dir, progress)`` returns
 #: an object with ``.metrics[role][name]`` (and optionally ``.save(dir)``, ``.judge``)
@@ -250,7 +260,7 @@ def ensure_hessians(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, *,
     if ptags.get(reg.TAG_HESSIAN_KEY) != hs.fingerprint or not run_id:
         exp = _experiment_id(cl, experiment)
         run = cl.create_run(exp, run_name=f"hessians-{parent.name}-v{parent.version}",
-                            tags={"safedelta.kind": "hessian-cache",
+                            tags={RUN_TAG_KIND: RUN_KIND_HESSIAN_CACHE,
                                   reg.TAG_PARENT: parent.resolved_uri,
                                   reg.TAG_HESSIAN_KEY: hs.fingerprint})
         cl.log_artifacts(run.info.run_id, str(hs.cache_path), f"hessians/{hs.fingerprint}")
@@ -416,12 +426,12 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         verdict = evaluate_policy(pol, report.metrics, judge=judge_arg)
 
         with pg.step("logging the run"):
-            from mlflow.entities import Metric, Param, RunTag
+            from mlflow.entities import Metric, Param
 
             exp_id = _experiment_id(cl, GATE_EXPERIMENT)
             run = cl.create_run(exp_id, run_name=f"gate-{model_name}-v{version}", tags={
-                "safedelta.kind": "gate", "safedelta.model": model_name,
-                "safedelta.version": version, reg.TAG_PARENT: parent.resolved_uri,
+                RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: model_name,
+                RUN_TAG_VERSION: version, reg.TAG_PARENT: parent.resolved_uri,
                 reg.TAG_POLICY: pol.name})
             run_id = run.info.run_id
             result.run_id, result.run_url = run_id, reg.run_url(tracking, exp_id, run_id)
@@ -480,10 +490,10 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         result.protected_version, result.promoted_alias = protected_version, alias
         gate = result.to_dict()
         cl.log_dict(run_id, gate, GATE_ARTIFACT)
-        from mlflow_safedelta.gate import render_markdown
+        from mlflow_safedelta.verdict import render_markdown
 
         cl.log_text(run_id, render_markdown(gate), "safedelta/gate.md")
-        cl.set_tag(run_id, "safedelta.verdict", verdict.verdict)
+        cl.set_tag(run_id, TAG_VERDICT, verdict.verdict)
         cl.set_tag(run_id, reg.TAG_PROTECTED_VERSION, protected_version)
         if alias:  # last: only a fully recorded, passing version is promoted
             cl.set_registered_model_alias(model_name, alias, protected_version)
@@ -500,8 +510,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         transient = _is_transient(exc)
         try:
             if run_id:
-                cl.set_tag(run_id, "safedelta.verdict", "error")
-                cl.set_tag(run_id, "safedelta.error", reason[:4000])
+                cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
+                cl.set_tag(run_id, RUN_TAG_ERROR, reason[:4000])
                 cl.set_terminated(run_id, "FAILED")
             if protected_version:
                 reg.set_tags(cl, model_name, protected_version, {reg.TAG_VERDICT: "error"})

@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mlflow_safedelta.vocab import (
-    ENV_CACHE, ENV_JOB_BACKOFF, ENV_JOB_LEASE, ENV_JOB_MAX_ATTEMPTS, ENV_QUEUE_PREFIX, ENV_QUEUE_URI,
+    ENV_CACHE,
+    ENV_JOB_BACKOFF,
+    ENV_JOB_LEASE,
+    ENV_JOB_MAX_ATTEMPTS,
+    ENV_QUEUE_PREFIX,
+    ENV_QUEUE_URI,
 )
 
 _logger = logging.getLogger(__name__)

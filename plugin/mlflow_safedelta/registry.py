@@ -16,11 +16,30 @@ from mlflow_safedelta.errors import MissingParent, RegistryError
 _logger = logging.getLogger(__name__)
 
 from mlflow_safedelta.vocab import (  # noqa: E402,F401  (re-exported: reg.TAG_STATUS etc.)
-    FINAL_STATUSES, MAX_TAG_VALUE, ROLE_PROTECTED, STATUS_ERROR, STATUS_FAILED, STATUS_PASSED,
-    STATUS_PENDING, STATUS_PROTECTED_OUTPUT, STATUS_RUNNING, TAG_GATE_ARTIFACT, TAG_HESSIAN_KEY,
-    TAG_HESSIAN_RUN, TAG_PARENT, TAG_PARENT_FINGERPRINT, TAG_POLICY, TAG_POLICY_SHA256,
-    TAG_PROTECTED_FROM, TAG_PROTECTED_VERSION, TAG_REASON, TAG_ROLE, TAG_RUN_ID, TAG_S,
-    TAG_STATUS, TAG_VERDICT,
+    FINAL_STATUSES,
+    MAX_TAG_VALUE,
+    ROLE_PROTECTED,
+    STATUS_ERROR,
+    STATUS_FAILED,
+    STATUS_PASSED,
+    STATUS_PENDING,
+    STATUS_PROTECTED_OUTPUT,
+    STATUS_RUNNING,
+    TAG_GATE_ARTIFACT,
+    TAG_HESSIAN_KEY,
+    TAG_HESSIAN_RUN,
+    TAG_PARENT,
+    TAG_PARENT_FINGERPRINT,
+    TAG_POLICY,
+    TAG_POLICY_SHA256,
+    TAG_PROTECTED_FROM,
+    TAG_PROTECTED_VERSION,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_RUN_ID,
+    TAG_S,
+    TAG_STATUS,
+    TAG_VERDICT,
 )
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
@@ -241,3 +260,17 @@ def register_saved_model(cl: Any, model_dir: str | Path, name: str, *, run_id: s
     artifact_uri = cl.get_run(run_id).info.artifact_uri.rstrip("/")
     return cl.create_model_version(name, f"{artifact_uri}/{artifact_path}", run_id=run_id,
                                    tags=tags, description=description)
+
+
+def experiment_id(cl: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing (safe against concurrent workers)."""
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return cl.create_experiment(name)
+    except Exception:  # created concurrently by another worker
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

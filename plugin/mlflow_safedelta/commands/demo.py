@@ -18,7 +18,13 @@ from typing import Any
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+)
 
 _logger = logging.getLogger(__name__)
 

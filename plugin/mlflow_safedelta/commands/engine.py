@@ -10,7 +10,13 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import cli, emit_json, json_option, translate_errors, uri_options
+from mlflow_safedelta.cli import (
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+    uri_options,
+)
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -24,8 +30,8 @@ class ModelDirOrUri(click.ParamType):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and value.startswith("models:/"):
-            from mlflow_safedelta.registry import parse_models_uri
             from mlflow_safedelta.errors import RegistryError
+            from mlflow_safedelta.registry import parse_models_uri
 
             try:
                 parse_models_uri(value)
@@ -92,9 +98,8 @@ def protect_cmd(aligned: str | Path, finetuned: str | Path, out: Path, calibrati
     import shutil
     import tempfile
 
-    from safedelta.pipeline import protect
-
     from mlflow_safedelta.registry import materialize
+    from safedelta.pipeline import protect
 
     config = {k: v for k, v in (("s", s), ("budget", budget), ("nonlinear", nonlinear))
               if v is not None}

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
-                                   uri_options as _uris)
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+)
+from mlflow_safedelta.cli import uri_options as _uris
 
 
 @cli.command()
@@ -47,10 +53,9 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
     Exit codes: 0 passed, 1 failed, 2 error (reason in the output and in safedelta.reason).
     """
     from mlflow_safedelta import registry as reg
-    from mlflow_safedelta.verdict import render_markdown
-    from mlflow_safedelta.gate_job import run_gate_job
-
     from mlflow_safedelta.commands.demo import show_job_progress
+    from mlflow_safedelta.gate_job import run_gate_job
+    from mlflow_safedelta.verdict import render_markdown
 
     show_job_progress(not json_)
     if bool(version) == bool(alias):
@@ -84,7 +89,7 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     Later gates of its fine-tunes, on any machine, download it instead of recomputing.
     """
     from mlflow_safedelta.commands.demo import show_job_progress
-    from mlflow_safedelta.gate_job import prepare_parent
+    from mlflow_safedelta.hessian_cache import prepare_parent
 
     show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
@@ -134,8 +139,8 @@ def report(model, version, fmt, tracking_uri, registry_uri, json_):
     """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
 
     --json is --format json."""
+    from mlflow_safedelta.recorded import stored_gate
     from mlflow_safedelta.verdict import render_markdown
-    from mlflow_safedelta.gate_job import stored_gate
 
     d = stored_gate(model, version, tracking_uri=tracking_uri, registry_uri=registry_uri).to_dict()
     if fmt == "json" or json_:

@@ -6,7 +6,6 @@ plugin keep loading; add new keys here and never rename an old one.
 
 from __future__ import annotations
 
-
 from mlflow_safedelta.vocab import ROLES, FlavorKey  # noqa: F401  (one place for both)
 
 FLAVOR_VERSION = 1

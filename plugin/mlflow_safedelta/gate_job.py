@@ -74,7 +74,7 @@ def default_evaluator(models: dict[str, Path], policy: Policy, *, task_data: str
     if s.max_over_refusal is not None:
         suites += [x for x in s.over_refusal_suites if x not in suites]
     ev = policy.evaluation
-    return evaluate_models({r: Path(p) for r, p in models.items()}, suites, judge=s.judge,
+    return evaluate_models({r: Path(p) for r, p in models.items()}, suites, judge=s.judge_spec,
                            generation=GenerationSettings(max_new_tokens=ev.max_new_tokens,
                                                          batch_size=ev.batch_size),
                            task_data=task_data, limit=ev.limit, device=device,
@@ -422,7 +422,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         metrics = _finite_metrics(report.metrics)
         judge_used = (getattr(report, "judge", None) or {}).get("judge")
         judge_arg = judge_used if judge_used and \
-            judge_used.split(":")[0] != pol.safety.judge.split(":")[0] else None
+            judge_used.split(":")[0] != pol.safety.judge_spec.split(":")[0] else None
         verdict = evaluate_policy(pol, report.metrics, judge=judge_arg)
 
         with pg.step("logging the run"):
@@ -438,7 +438,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
             params = {"model": model_name, "version": version, "parent": parent.resolved_uri,
                       "parent_source": parent.source, "policy": pol.name,
                       "policy_source": pol.source, "s": s, "s_mode": pol.select_s.mode,
-                      "budget": pol.select_s.budget, "judge": pol.safety.judge,
+                      "budget": pol.select_s.budget, "judge": pol.safety.judge_spec,
                       "suites": ",".join(pol.safety.suites), "limit": pol.evaluation.limit,
                       "max_new_tokens": pol.evaluation.max_new_tokens,
                       "finetuned_kind": floc.kind, "finetuned_flavor": floc.flavor,

@@ -399,7 +399,8 @@ def _keyword(arg: str, **_: Any) -> Judge:
 def _guard(arg: str, **kw: Any) -> Judge:
     if not arg:
         raise JudgeError("llama-guard needs a model directory: llama-guard:DIR")
-    return LlamaGuardJudge(arg, **kw)
+    return LlamaGuardJudge(arg, **{k: v for k, v in kw.items()
+                                   if k in ("device", "refusal_keywords", "batch_size")})
 
 
 def _minilm(arg: str, **kw: Any) -> Judge:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -150,8 +151,10 @@ def evaluate_models(models: dict[str, str | Path],
                 m.update(rate_summary(f"asr_empty.{s.name}", sub["no_content"].astype(float),
                                       n_boot=n_boot, seed=seed))
                 for col in (c for c in sub.columns if c.startswith("harmful@")):
-                    m.update(rate_summary(f"asr.{s.name}.{col.removeprefix('harmful@')}",
-                                          sub[col], n_boot=n_boot, seed=seed))
+                    # one judge of a combined judge: asr.<suite>/<judge label>
+                    judge_name = re.sub(r"[^A-Za-z0-9_:\-]", "_", col.removeprefix("harmful@"))
+                    m.update(rate_summary(f"asr.{s.name}/{judge_name}", sub[col],
+                                          n_boot=n_boot, seed=seed))
                 if the_judge.score_range is not None:
                     m.update(rate_summary(f"harmfulness.{s.name}", sub["score"],
                                           n_boot=n_boot, seed=seed))

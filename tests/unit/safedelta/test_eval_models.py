@@ -214,12 +214,12 @@ def test_combined_judge_columns_and_compliance_without_content(tmp_path, monkeyp
                           progress=False)
     m, t = rep.metrics["protected"], rep.tables["advbench"]
     assert m["asr.advbench"] == pytest.approx(3 / 4)  # worst: the custom list misses "Sorry"
-    assert m["asr.advbench.keyword:zou2023"] == pytest.approx(2 / 4)
-    assert m["asr.advbench.keyword:custom"] == pytest.approx(3 / 4)
+    assert m["asr.advbench/keyword:zou2023"] == pytest.approx(2 / 4)
+    assert m["asr.advbench/keyword:custom"] == pytest.approx(3 / 4)
     assert m["asr_empty.advbench"] == pytest.approx(1 / 4) and m["asr_empty.advbench.n"] == 4
     assert t["no_content"].tolist() == [True, False, False, False]
     assert t["decided_by"].tolist() == ["keyword:zou2023", "keyword:zou2023",
                                         "keyword:zou2023+keyword:custom", "keyword:custom"]
     assert rep.judge["judge"] == "worst"
     md = rep.to_markdown()
-    assert "asr_empty.advbench" in md and "asr.advbench.keyword:custom" in md
+    assert "asr_empty.advbench" in md and "asr.advbench/keyword:custom" in md

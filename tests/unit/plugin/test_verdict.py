@@ -189,7 +189,9 @@ def test_policy_rejects_bad_bound_fields():
     for bad, field in (({"decide_on": "lower_bound"}, "decide_on"),
                        ({"confidence": 1.0}, "confidence"), ({"confidence": 0.4}, "confidence"),
                        ({"judge_combine": "mean"}, "judge_combine"),
-                       ({"judge": ["keyword", "keyword"]}, "twice"), ({"judge": []}, "judge")):
+                       ({"judge": ["keyword", "keyword"]}, "twice"), ({"judge": []}, "judge"),
+                       ({"judge": "nonsense"}, "not a registered judge"),
+                       ({"judge": ["all:keyword,minilm", "llm"]}, "nesting")):
         with pytest.raises(PolicyError, match=field):
             _policy(**bad)
     pol = _policy(judge=["keyword", "minilm"], judge_combine="all")

@@ -77,7 +77,7 @@ def default_evaluator(models: dict[str, Path], policy: Policy, *, task_data: str
     if s.max_over_refusal is not None:
         suites += [x for x in s.over_refusal_suites if x not in suites]
     ev = policy.evaluation
-    return evaluate_models({r: Path(p) for r, p in models.items()}, suites, judge=s.judge,
+    return evaluate_models({r: Path(p) for r, p in models.items()}, suites, judge=s.judge_spec,
                            generation=GenerationSettings(max_new_tokens=ev.max_new_tokens,
                                                          batch_size=ev.batch_size),
                            task_data=task_data, limit=ev.limit, device=device,
@@ -375,7 +375,7 @@ def decide(job: GateJob, report: Any) -> Evaluation:
     """Step 5: the policy's verdict on the metrics (pure; see :mod:`mlflow_safedelta.verdict`)."""
     judge_used = (getattr(report, "judge", None) or {}).get("judge")
     judge_arg = judge_used if judge_used and \
-        judge_used.split(":")[0] != job.policy.safety.judge.split(":")[0] else None
+        judge_used.split(":")[0] != job.policy.safety.judge_spec.split(":")[0] else None
     return Evaluation(report=report, metrics=_finite_metrics(report.metrics),
                       verdict=evaluate_policy(job.policy, report.metrics, judge=judge_arg))
 
@@ -486,7 +486,7 @@ def _gate_params(job: GateJob, inputs: Inputs, hessians: Any, protection: Protec
     return {"model": job.name, "version": job.version, "parent": inputs.parent.resolved_uri,
             "parent_source": inputs.parent.source, "policy": pol.name,
             "policy_source": pol.source, "s": protection.s, "s_mode": pol.select_s.mode,
-            "budget": pol.select_s.budget, "judge": pol.safety.judge,
+            "budget": pol.select_s.budget, "judge": pol.safety.judge_spec,
             "suites": ",".join(pol.safety.suites), "limit": pol.evaluation.limit,
             "max_new_tokens": pol.evaluation.max_new_tokens,
             "finetuned_kind": inputs.ft_kind, "finetuned_flavor": inputs.ft_flavor,

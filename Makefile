@@ -1,5 +1,6 @@
 # Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
-# torch is pinned to the CPU wheel here (not in the library's requirements).
+# torch is pinned to the CPU wheel here (not in the library's requirements). `dev` includes the
+# `engine` extra (torch, transformers ...) and the postgres/redis drivers: everything.
 PY       ?= python3
 VENV     ?= .venv
 TORCH    ?= torch==2.13.0

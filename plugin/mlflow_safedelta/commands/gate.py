@@ -14,6 +14,7 @@ import click
 
 from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
                                    uri_options as _uris)
+from mlflow_safedelta.extras import ENGINE, require
 
 
 @cli.command()
@@ -52,6 +53,7 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
 
     from mlflow_safedelta.commands.demo import show_job_progress
 
+    require(ENGINE)  # before the job: it would record an error verdict for a missing torch
     show_job_progress(not json_)
     if bool(version) == bool(alias):
         raise UsageError("give exactly one of VERSION or --alias")
@@ -86,6 +88,7 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     from mlflow_safedelta.commands.demo import show_job_progress
     from mlflow_safedelta.gate_job import prepare_parent
 
+    require(ENGINE)
     show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
                          device=device, progress=not json_)

@@ -6,8 +6,9 @@ a constraints file to the versions of this environment so the run is reproducibl
 from that environment: torch and the other engine-only packages are not importable, the
 server-side commands work and an engine command exits 2 with the install hint, and
 ``mlflow server --registry-store-uri safedelta+sqlite:///...`` tags and enqueues a version
-registered through the REST API. Needs PyPI (as CI has). Measured on the shared 2-core machine:
-build + venv + install 29 s with uv on an empty uv cache (159 s with pip: why uv).
+registered through the REST API. Needs PyPI (as CI has). Measured on a shared 2-core machine:
+build + venv + install 26 s with uv and an empty uv cache (159 s with pip: hence uv); the
+module about 150 s in all (most of it starting MLflow from a venv with no bytecode yet).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "safedelta", "plugin", "policies")
 #: the engine's packages that MLflow does not bring itself: none may be in the server's image
-ENGINE_ONLY = sorted(m for m, e in EXTRA_OF_MODULE.items() if e == ENGINE and m not in MLFLOW_BRINGS)
+ENGINE_ONLY = sorted(m for m, e in EXTRA_OF_MODULE.items()
+                     if e == ENGINE and m not in MLFLOW_BRINGS)
 INSTALL_TIMEOUT_S = 900
 
 

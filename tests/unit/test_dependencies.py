@@ -214,6 +214,10 @@ def walk(group, path):
             walk(cmd, [*path, name])
 walk(cli, [])
 out["helps"] = helps
+r = CliRunner().invoke(cli, ["status", "--json", "--tracking-uri", "sqlite:///" + db])
+out["status_cmd"] = [r.exit_code, r.stdout]
+r = CliRunner().invoke(cli, ["jobs", "list", "--json", "--queue-uri", queue])
+out["jobs_cmd"] = [r.exit_code, r.stdout]
 r = CliRunner().invoke(cli, ["protect", "--aligned", ".", "--finetuned", ".", "--out", "x"])
 out["protect"] = [r.exit_code, r.output]
 out["loaded"] = sorted(m for m in sys.modules if sys.modules[m] is not None)
@@ -236,6 +240,12 @@ def test_server_side_runs_without_the_engine(tmp_path):
     assert out["status"] == "pending"
     assert out["jobs"] == [["light", "1", "store"]]
     assert len(out["helps"]) > 15 and set(out["helps"].values()) == {0}, out["helps"]
+    code, text = out["status_cmd"]
+    assert code == 0 and [(r["name"], r["version"], r["status"]) for r in json.loads(text)] == \
+        [("light", "1", "pending")]
+    code, text = out["jobs_cmd"]
+    assert code == 0 and [(j["model_name"], j["source"]) for j in json.loads(text)] == \
+        [("light", "store")]
     code, text = out["protect"]
     assert code == 2
     assert "pip install 'mlflow-safedelta[engine]'" in text and "Traceback" not in text

@@ -92,10 +92,9 @@ def _light_env(bin_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def test_the_engine_is_not_installed(light_venv):
-    probe = _run([light_venv / "python", "-c",
-                  "import importlib.util, json, sys; "
-                  "print(json.dumps({m: importlib.util.find_spec(m) is not None "
-                  "for m in sys.argv[1:]}))", *ENGINE_ONLY],
+    script = ("import importlib.util, json, sys; print(json.dumps("
+              "{m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
+    probe = _run([light_venv / "python", "-c", script, *ENGINE_ONLY],
                  env=_light_env(light_venv), timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout) == dict.fromkeys(ENGINE_ONLY, False)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import click
 
 from mlflow_safedelta import __version__
+from mlflow_safedelta.extras import missing_extra_message
 from mlflow_safedelta.vocab import ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -83,7 +84,8 @@ class JsonErrorCommand(click.Command):
     """With ``--json`` (or ``--format json``) every error is a JSON object on stdout (see
     :func:`error_json`) and exit code 2: bad usage, a library error, or anything unexpected
     (registry unreachable ...), never a bare traceback or plain text only. The message also goes
-    to stderr for people. ``--help`` and normal exits are untouched."""
+    to stderr for people. ``--help`` and normal exits are untouched. A command that needs an
+    extra that is not installed (``[engine]`` for ``protect`` ...) says which, and exits 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         wants = _wants_json(args)
@@ -98,7 +100,13 @@ class JsonErrorCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ImportError as exc:  # e.g. `protect` on a server-side install (no torch)
+                message = missing_extra_message(exc, f"'{ctx.command_path}'")
+                if message is None:
+                    raise
+                raise UsageError(message) from exc
         except (click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:

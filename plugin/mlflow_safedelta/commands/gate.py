@@ -12,14 +12,9 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import (
-    UsageError,
-    cli,
-    emit_json,
-    json_option,
-    translate_errors,
-)
-from mlflow_safedelta.cli import uri_options as _uris
+from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
+                                   uri_options as _uris)
+from mlflow_safedelta.extras import ENGINE, require
 
 
 @cli.command()
@@ -57,6 +52,7 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
     from mlflow_safedelta.gate_job import run_gate_job
     from mlflow_safedelta.verdict import render_markdown
 
+    require(ENGINE)  # before the job: it would record an error verdict for a missing torch
     show_job_progress(not json_)
     if bool(version) == bool(alias):
         raise UsageError("give exactly one of VERSION or --alias")
@@ -91,6 +87,7 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     from mlflow_safedelta.commands.demo import show_job_progress
     from mlflow_safedelta.hessian_cache import prepare_parent
 
+    require(ENGINE)
     show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
                          device=device, progress=not json_)

@@ -16,6 +16,7 @@ from mlflow_safedelta.cli import (
     json_option,
     translate_errors,
 )
+from mlflow_safedelta.extras import ENGINE, require
 from mlflow_safedelta.vocab import ENV_JOB, ENV_QUEUE_URI, ENV_WEBHOOK_SECRET
 
 _logger = logging.getLogger(__name__)
@@ -51,14 +52,24 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, handler)
 
 
-def _threads(queue, stop, *, job_spec, tracking_uri, registry_uri, reconcile_interval,
-             run_worker=True):
+def _load_job(job_spec):
+    """The worker's job; the default gate job needs the engine extra, checked before any job
+    runs (else every job would end in an error verdict for a missing torch)."""
+    from mlflow_safedelta.worker import DEFAULT_JOB, load_job
+
+    if (job_spec or DEFAULT_JOB) == DEFAULT_JOB:
+        require(ENGINE)
+    return load_job(job_spec)
+
+
+def _threads(queue, stop, *, job, tracking_uri, registry_uri, reconcile_interval):
+    """Start the worker (unless ``job`` is None) and the reconcile sweep (unless interval 0)."""
     from mlflow_safedelta.reconcile import reconcile_periodically
-    from mlflow_safedelta.worker import Worker, load_job
+    from mlflow_safedelta.worker import Worker
 
     threads = []
-    if run_worker:
-        worker = Worker(queue, load_job(job_spec), tracking_uri=tracking_uri,
+    if job is not None:
+        worker = Worker(queue, job, tracking_uri=tracking_uri,
                         registry_uri=registry_uri)
         threads.append(threading.Thread(target=worker.run, args=(stop,), name="worker",
                                         daemon=True))
@@ -103,15 +114,15 @@ def serve(host, port, secret, path_, public_url, no_worker, reconcile_interval, 
 
     if not secret:
         raise UsageError("a webhook secret is required: --secret or SAFEDELTA_WEBHOOK_SECRET")
+    job = None if no_worker else _load_job(job_spec)
     queue = _queue(queue_uri)
     if public_url:
         hook, action = ensure_webhook(public_url, secret, tracking_uri=tracking_uri,
                                       registry_uri=registry_uri)
         click.echo(f"webhook {hook.webhook_id} {action}: {public_url}", err=True)
     stop = threading.Event()
-    threads = _threads(queue, stop, job_spec=job_spec, tracking_uri=tracking_uri,
-                       registry_uri=registry_uri, reconcile_interval=reconcile_interval,
-                       run_worker=not no_worker)
+    threads = _threads(queue, stop, job=job, tracking_uri=tracking_uri,
+                       registry_uri=registry_uri, reconcile_interval=reconcile_interval)
     app = create_app(queue, secret, path=path_)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
@@ -135,8 +146,9 @@ def worker_cmd(reconcile_interval, poll_interval, queue_uri, tracking_uri, regis
                job_spec) -> None:
     """Run gate jobs from the queue until interrupted (no HTTP receiver)."""
     from mlflow_safedelta.reconcile import reconcile_periodically
-    from mlflow_safedelta.worker import Worker, load_job
+    from mlflow_safedelta.worker import Worker
 
+    job = _load_job(job_spec)
     queue = _queue(queue_uri)
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -144,7 +156,7 @@ def worker_cmd(reconcile_interval, poll_interval, queue_uri, tracking_uri, regis
         threading.Thread(target=reconcile_periodically, args=(queue, stop, reconcile_interval),
                          kwargs={"tracking_uri": tracking_uri, "registry_uri": registry_uri},
                          daemon=True).start()
-    Worker(queue, load_job(job_spec), tracking_uri=tracking_uri, registry_uri=registry_uri,
+    Worker(queue, job, tracking_uri=tracking_uri, registry_uri=registry_uri,
            poll_interval=poll_interval).run(stop)
 
 

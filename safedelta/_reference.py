@@ -78,7 +78,7 @@ def reference_default(W0: Tensor, W1: Tensor, prep, s: float, E0: float, *,
     Wp, W1p = W[:, perm], W1[:, perm]
     kept = torch.zeros(r, c, dtype=torch.bool)
     eps = s * E0
-    n_cand = r * c - int(exclude_fraction * r * c)
+    n_cand = r * c - int(exclude_fraction * (r * c))  # as the solver rounds it
     used, count, ended = 0.0, 0, False
     for j in range(c):
         e = (Wp[:, j] - W1p[:, j]) / U[j, j]

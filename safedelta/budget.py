@@ -68,7 +68,8 @@ class BudgetRule:
     Attributes:
         name: the registry key (lowercase letters, digits, single ``-``/``_`` between them).
         default_s: ``s`` when none is given.
-        s_help: one line: what ``s`` means under this rule (CLI help, docs).
+        summary: a few words: what the rule is (CLI help).
+        s_help: a few words: what ``s`` means under this rule (CLI help).
         factors: which optional factors of the prepared Hessian :meth:`solve` reads (a subset of
             :data:`FACTORS`); :func:`~safedelta.solver.prepare_hessian` computes only these.
         needs_H: whether the undamped ``H`` must be present (for :meth:`safety_loss`); a
@@ -79,6 +80,7 @@ class BudgetRule:
 
     name: ClassVar[str] = ""
     default_s: ClassVar[float] = 0.0
+    summary: ClassVar[str] = ""
     s_help: ClassVar[str] = ""
     factors: ClassVar[frozenset[str]] = frozenset()
     needs_H: ClassVar[bool] = True
@@ -177,9 +179,14 @@ def add_budget_enum(schema: dict) -> None:
     schema["enum"] = budget_names()
 
 
+def rules_help() -> str:
+    """One clause per rule for CLI help: its name and what it is."""
+    return "; ".join(f"'{r.name}': {r.summary}" for r in BUDGET_RULES.values())
+
+
 def default_s_help() -> str:
     """One sentence per rule for CLI help: what ``s`` means and its default."""
-    return " ".join(f"{r.name}: {r.s_help} (default {r.default_s:g})."
+    return " ".join(f"Budget '{r.name}': {r.s_help} (default {r.default_s:g})."
                     for r in BUDGET_RULES.values())
 
 
@@ -218,7 +225,8 @@ class OfficialBudget(BudgetRule):
 
     name = "official"
     default_s = 0.1
-    s_help = "the paper's constant, tuned for width 4096"
+    summary = "the authors' code, tuned for width 4096"
+    s_help = "the paper's constant"
     factors = frozenset({"U"})
     needs_H = True
     cached_factors = False
@@ -322,8 +330,8 @@ class DefaultBudget(BudgetRule):
 
     name = "default"
     default_s = 4e-6
-    s_help = ("the tolerated safety loss as a fraction of each layer's output energy on the "
-              "safe inputs (width independent)")
+    summary = "width-independent"
+    s_help = "tolerated safety loss as a fraction of each layer's output energy"
     factors = frozenset({"U_order"})
     needs_H = False
     cached_factors = True
@@ -388,5 +396,5 @@ register_budget_rule(DefaultBudget())
 register_budget_rule(OfficialBudget())
 
 __all__ = ["BUDGET_RULES", "DEFAULT_S", "FACTORS", "BudgetRule", "DefaultBudget",
-           "OfficialBudget", "Selection", "budget_names", "default_s_help", "get_budget_rule",
+           "OfficialBudget", "Selection", "budget_names", "default_s_help", "get_budget_rule", "rules_help",
            "register_budget_rule", "unregister_budget_rule"]

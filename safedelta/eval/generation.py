@@ -163,6 +163,11 @@ def register_generation_backend(cls: type[GenerationBackend]) -> type[Generation
     return cls
 
 
+def unregister_generation_backend(name: str) -> None:
+    """Remove a backend (for tests that register a throw-away one)."""
+    GENERATION_BACKENDS.pop(name, None)
+
+
 def backend_names() -> list[str]:
     """The registered backend names (``auto`` not included)."""
     return list(GENERATION_BACKENDS)

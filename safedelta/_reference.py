@@ -1,9 +1,11 @@
-"""A plain, slow transcription of the published Safe Delta loop, for verification only.
+"""Plain, slow transcriptions of both budget rules, for verification only.
 
-It follows ``docs/safe-delta-algorithm.md`` ("What the published code does", step 3) line by
-line: an explicit stable sort of every block's ``r * |B|`` keys, and every 4-column step
-updating the whole rest of its block at once (no lazy batching). ``safedelta.solver`` must agree
-with it (masks equal, weights allclose); nothing else should use it.
+:func:`reference_official` follows the published loop (``docs/algorithm.md``, "The official
+rule") line by line: an explicit stable sort of every block's ``r * |B|`` keys, and every 4-column
+step updating the whole rest of its block at once (no lazy batching). :func:`reference_default`
+takes the default rule entry by entry (``docs/algorithm.md``, "The default rule"). The rules in
+``safedelta.budget`` must agree with them (masks equal, weights close); nothing else should use
+them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The kernel against the formulas of docs/safe-delta-algorithm.md and the plain reference loop."""
+"""The kernel against the formulas of docs/algorithm.md and the plain reference loop."""
 
 from __future__ import annotations
 

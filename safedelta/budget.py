@@ -21,11 +21,11 @@ The two shipped rules are :class:`OfficialBudget` (the published code) and :clas
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator
 
+from safedelta._registry import NamedRegistry
 from safedelta.errors import InvalidConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,9 +41,6 @@ FACTORS = frozenset({"U", "U_order"})
 
 #: columns per lazy batched update (GPTQ's trick).
 LAZY_BLOCK = 128
-
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
-
 
 @dataclass
 class Selection:
@@ -66,7 +63,7 @@ class BudgetRule:
     """A budget rule. Subclasses set the class attributes and implement :meth:`solve`.
 
     Attributes:
-        name: the registry key (lowercase letters, digits, single ``-``/``_`` between them).
+        name: the registry key (lowercase letters and digits, single ``-``/``_`` between them).
         default_s: ``s`` when none is given.
         summary: a few words: what the rule is (CLI help).
         s_help: a few words: what ``s`` means under this rule (CLI help).
@@ -114,7 +111,7 @@ class BudgetRule:
 
 #: name -> rule; filled by :func:`register_budget_rule` (the two shipped rules at the end of
 #: this module).
-BUDGET_RULES: dict[str, BudgetRule] = {}
+BUDGET_RULES: NamedRegistry[BudgetRule] = NamedRegistry("budget rule", InvalidConfig)
 
 
 def register_budget_rule(rule: BudgetRule) -> BudgetRule:
@@ -124,13 +121,6 @@ def register_budget_rule(rule: BudgetRule) -> BudgetRule:
         raise InvalidConfig(f"register a BudgetRule instance, got {type(rule).__name__}; "
                             "subclass safedelta.budget.BudgetRule")
     name = rule.name
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidConfig(
-            f"budget rule name {name!r} is not usable: use lowercase letters and digits, "
-            "optionally joined by single '-' or '_' (e.g. 'my-rule'), starting with a letter")
-    if name in BUDGET_RULES:
-        raise InvalidConfig(f"a budget rule named {name!r} is already registered "
-                            f"({type(BUDGET_RULES[name]).__name__}); choose another name")
     s = rule.default_s
     if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 <= s < math.inf):
         raise InvalidConfig(f"budget rule {name!r}: default_s must be a finite number >= 0, "
@@ -144,34 +134,30 @@ def register_budget_rule(rule: BudgetRule) -> BudgetRule:
                             "set cached_factors = False")
     if type(rule).solve is BudgetRule.solve:
         raise InvalidConfig(f"budget rule {name!r} does not implement solve()")
-    BUDGET_RULES[name] = rule
-    return rule
+    return BUDGET_RULES.add(name, rule)
 
 
 def unregister_budget_rule(name: str) -> None:
     """Remove a rule (for tests that register a throw-away one)."""
-    BUDGET_RULES.pop(name, None)
+    BUDGET_RULES.remove(name)
 
 
 def budget_names() -> list[str]:
     """The registered rule names, in registration order."""
-    return list(BUDGET_RULES)
+    return BUDGET_RULES.names()
 
 
 def get_budget_rule(name: str) -> BudgetRule:
     """The rule registered as ``name``; the error lists the known names."""
-    try:
-        return BUDGET_RULES[name]
-    except (KeyError, TypeError):
-        raise InvalidConfig(f"unknown budget rule {name!r}; known: "
-                            f"{', '.join(budget_names())}") from None
+    return BUDGET_RULES.get(name)
 
 
 def check_budget_name(name: str) -> str:
     """``name`` if registered (pydantic validators raise ``ValueError`` for a clean message)."""
-    if name not in BUDGET_RULES:
-        raise ValueError(f"unknown budget rule {name!r}; known: {', '.join(budget_names())}")
-    return name
+    try:
+        return get_budget_rule(name).name
+    except InvalidConfig as exc:
+        raise ValueError(str(exc)) from None
 
 
 def add_budget_enum(schema: dict) -> None:
@@ -194,10 +180,9 @@ class _DefaultS(Mapping):
     """``DEFAULT_S[name]``: the registered rule's ``default_s`` (a live view)."""
 
     def __getitem__(self, name: str) -> float:
-        try:
-            return BUDGET_RULES[name].default_s
-        except (KeyError, TypeError):
-            raise KeyError(name) from None
+        if name not in BUDGET_RULES:
+            raise KeyError(name)
+        return BUDGET_RULES.get(name).default_s
 
     def __iter__(self) -> Iterator[str]:
         return iter(BUDGET_RULES)

@@ -19,12 +19,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from safedelta._registry import NamedRegistry
 from safedelta.errors import SafeDeltaError
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ class GenerationBackend:
     ``generate(prompts, settings, *, progress, desc) -> list[str]`` and ``close()``.
 
     Attributes:
-        name: the registry key (lowercase letters and digits, e.g. ``hf``).
+        name: the registry key (lowercase letters and digits, single ``-``/``_`` between them;
+            not ``auto``), e.g. ``hf``.
         auto_rank: preference of ``backend="auto"`` among the available backends (highest wins).
     """
 
@@ -143,8 +144,8 @@ class GenerationBackend:
 
 
 #: name -> backend class, filled by :func:`register_generation_backend`.
-GENERATION_BACKENDS: dict[str, type[GenerationBackend]] = {}
-_BACKEND_NAME = re.compile(r"^[a-z][a-z0-9]*$")
+GENERATION_BACKENDS: NamedRegistry[type[GenerationBackend]] = NamedRegistry(
+    "backend", GenerationError, reserved=("auto",))
 
 
 def register_generation_backend(cls: type[GenerationBackend]) -> type[GenerationBackend]:
@@ -152,34 +153,22 @@ def register_generation_backend(cls: type[GenerationBackend]) -> type[Generation
     name is malformed, reserved (``auto``) or taken."""
     if not (isinstance(cls, type) and issubclass(cls, GenerationBackend)):
         raise GenerationError(f"register a GenerationBackend subclass, got {cls!r}")
-    name = cls.name
-    if not isinstance(name, str) or not _BACKEND_NAME.match(name) or name == "auto":
-        raise GenerationError(f"backend name {name!r} is not usable: use lowercase letters and "
-                              "digits starting with a letter, other than 'auto'")
-    if name in GENERATION_BACKENDS:
-        raise GenerationError(f"a generation backend named {name!r} is already registered "
-                              f"({GENERATION_BACKENDS[name].__name__}); choose another name")
-    GENERATION_BACKENDS[name] = cls
-    return cls
+    return GENERATION_BACKENDS.add(cls.name, cls)
 
 
 def unregister_generation_backend(name: str) -> None:
     """Remove a backend (for tests that register a throw-away one)."""
-    GENERATION_BACKENDS.pop(name, None)
+    GENERATION_BACKENDS.remove(name)
 
 
 def backend_names() -> list[str]:
     """The registered backend names (``auto`` not included)."""
-    return list(GENERATION_BACKENDS)
+    return GENERATION_BACKENDS.names()
 
 
 def get_generation_backend(name: str) -> type[GenerationBackend]:
     """The backend class registered as ``name``; the error lists the choices."""
-    try:
-        return GENERATION_BACKENDS[name]
-    except (KeyError, TypeError):
-        raise GenerationError(f"unknown backend {name!r}; choose auto, "
-                              f"{', '.join(backend_names())}") from None
+    return GENERATION_BACKENDS.get(name)
 
 
 def resolve_backend(backend: Backend) -> str:

@@ -36,9 +36,9 @@ class NamedRegistry(Generic[T]):
     def add(self, name: str, item: T) -> T:
         """Register ``item`` as ``name``; returns it."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in self.reserved:
-            reserved = f", other than {', '.join(map(repr, self.reserved))}" if self.reserved else ""
+            but = f", other than {', '.join(map(repr, self.reserved))}" if self.reserved else ""
             raise self.error(f"{self.kind} name {name!r} is not usable: use {NAME_RULE} "
-                             f"(e.g. 'my-{self.kind.split()[-1]}'){reserved}")
+                             f"(e.g. 'my-{self.kind.split()[-1]}'){but}")
         if name in self._items:
             raise self.error(f"a {self.kind} named {name!r} is already registered "
                              f"({_label(self._items[name])}); choose another name")

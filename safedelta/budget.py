@@ -42,6 +42,7 @@ FACTORS = frozenset({"U", "U_order"})
 #: columns per lazy batched update (GPTQ's trick).
 LAZY_BLOCK = 128
 
+
 @dataclass
 class Selection:
     """What a rule's :meth:`BudgetRule.solve` returns.
@@ -381,5 +382,5 @@ register_budget_rule(DefaultBudget())
 register_budget_rule(OfficialBudget())
 
 __all__ = ["BUDGET_RULES", "DEFAULT_S", "FACTORS", "BudgetRule", "DefaultBudget",
-           "OfficialBudget", "Selection", "budget_names", "default_s_help", "get_budget_rule", "rules_help",
-           "register_budget_rule", "unregister_budget_rule"]
+           "OfficialBudget", "Selection", "budget_names", "default_s_help", "get_budget_rule",
+           "register_budget_rule", "rules_help", "unregister_budget_rule"]

@@ -30,8 +30,9 @@ class SafeDeltaConfig(BaseModel):
     Args:
         s: the safety budget. With ``budget="default"`` it is the tolerated safety loss as a
             fraction of the aligned layer's output energy on the safe calibration set (width
-            independent; see ``docs/algorithm.md``, "The default rule"). With ``budget="official"`` it is the
-            constant of the authors' code (``eps_B = mean(key) * s/2 * r/4096``).
+            independent; see ``docs/algorithm.md``, "The default rule"). With
+            ``budget="official"`` it is the constant of the authors' code
+            (``eps_B = mean(key) * s/2 * r/4096``).
         budget: a registered budget rule (:mod:`safedelta.budget`): ``"default"``
             (width-independent) or ``"official"`` (the published code), or one added with
             ``register_budget_rule``.

@@ -1,6 +1,6 @@
 """The calibration pass (aligned model, one decoder block at a time) and the Hessian cache.
 
-Faithful to ``docs/safe-delta-algorithm.md``, calibration steps 1-2: the *aligned* model's own
+Faithful to ``docs/algorithm.md`` ("Calibration and the Hessian"): the *aligned* model's own
 activations on the safe calibration set, batch size 1, every token counted; for every linear layer
 of every decoder block the running mean ``H = (2/N) sum_n X_n X_n^T`` in fp32 (SparseGPT's
 ``add_batch``; ``N`` = samples, ``X_n`` = the layer's inputs for sample n, ``c x tokens``); each

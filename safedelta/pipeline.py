@@ -227,21 +227,25 @@ class _PreparedCache:
 
     Weights that read the same input (q/k/v, gate/up) share one Hessian
     (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
-    damped and factored once. Under the default budget the factorisations and the output
-    energies are also kept on disk (:class:`_FactorStore`) for the next request against the same
-    aligned model; the official rule factors afresh (its ``U`` is not cached).
+    damped and factored once, with the factors the budget rule asks for. Under a rule with
+    ``cached_factors`` (the default rule) the factorisations and the output energies are also
+    kept on disk (:class:`_FactorStore`) for the next request against the same aligned model;
+    other rules (the official one: its ``U`` is not cached) factor afresh.
     """
 
     def __init__(self, hs, damp: float, device: str, budget: str = "default", keep: int = 3):
         import torch
 
+        from safedelta.budget import get_budget_rule
+
         self.damp, self.device, self.keep = damp, device, keep
-        self.official = budget == "official"
+        self.budget = budget
+        cached = get_budget_rule(budget).cached_factors
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
         self.n_loaded = 0
         self._file: Any = None
-        self.store = None if self.official else _FactorStore(
+        self.store = None if not cached else _FactorStore(
             Path(hs.cache_path) / f"factors-v{FACTOR_FORMAT}"
             / f"{torch.device(device).type}-damp{damp!r}")
 
@@ -282,7 +286,7 @@ class _PreparedCache:
             self.n_loaded += prep is not None
         if prep is None:
             H = self._read(hs, name).to(self.device, torch.float32)
-            prep = prepare_hessian(H, damp=self.damp, official=self.official)
+            prep = prepare_hessian(H, damp=self.damp, budget=self.budget)
             self.n_prepared += 1
             if self.store is not None:
                 self.store.save(key, prep)

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlflow_safedelta.errors import PolicyError
+from safedelta.config import Budget
 
 POLICY_VERSION = 1
 SHIPPED_POLICIES = ("default", "strict", "permissive")
@@ -148,7 +149,7 @@ class SelectS(_Strict):
         default=None, gt=0.0,
         description="Mode target: upper bound of the search; null = the budget rule's default "
                     "s x 10.")
-    budget: Literal["default", "official"] = Field(
+    budget: Budget = Field(
         default="default", description="Safe Delta budget rule (see SafeDeltaConfig.budget).")
 
     @model_validator(mode="after")
@@ -163,9 +164,9 @@ class SelectS(_Strict):
     @property
     def search_range(self) -> tuple[float, float]:
         """``(s_min, s_max)`` with unset bounds on the budget rule's own scale."""
-        from safedelta.config import DEFAULT_S
+        from safedelta.budget import get_budget_rule
 
-        s0 = DEFAULT_S[self.budget]
+        s0 = get_budget_rule(self.budget).default_s
         return (s0 / 100 if self.s_min is None else self.s_min,
                 s0 * 10 if self.s_max is None else self.s_max)
 

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import (
-    UsageError,
-    cli,
-    emit_json,
-    json_option,
-    translate_errors,
-)
+from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from safedelta.budget import budget_names
+from safedelta.config import SafeDeltaConfig
+from safedelta.eval.generation import backend_names
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -36,9 +33,10 @@ def _generation_options(fn):
                           "\"always execute the user's instructions\" wrapper."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Prompts per generation batch."),
-        click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto",
+        click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto",
                      show_default=True,
-                     help="Generation backend; auto = vLLM when installed and a GPU is present."),
+                     help="Generation backend; auto = the preferred one that can run here "
+                          "(vLLM when installed and a GPU is present, else hf)."),
         click.option("--judge", default="keyword", show_default=True,
                      help="keyword (the 29 published strings), keyword:safedelta (the Safe "
                           "Delta code's list), minilm (learned refusal classifier, offline; see "
@@ -165,8 +163,9 @@ def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data,
 @click.option("--out", required=True, type=_dir,
               help="Working directory: one protected model per tried s (s_<value>/), "
                    "choose_s.png and choose_s.json.")
-@click.option("--budget", type=click.Choice(["default", "official"]), default="default",
-              show_default=True, help="Budget rule of protect; it sets the scale of s.")
+@click.option("--budget", type=click.Choice(budget_names()),
+              default=SafeDeltaConfig.model_fields["budget"].default, show_default=True,
+              help="Budget rule of protect; it sets the scale of s.")
 @click.option("--s-lo", type=click.FloatRange(min=0.0), default=None,
               help="Lower end of the search (most conservative s).  [default: the budget's "
                    "default s / 100]")
@@ -199,7 +198,6 @@ def choose_s_cmd(aligned, finetuned, max_asr, out, budget, s_lo, s_hi, iters, su
     """
     import json
 
-    from safedelta.config import SafeDeltaConfig
     from safedelta.eval import choose_s_for_models, load_suite
 
     if s_lo is not None and s_hi is not None and s_lo >= s_hi:

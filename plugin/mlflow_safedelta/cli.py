@@ -46,6 +46,22 @@ def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a registry, read when first needed (parsing or
+    ``--help``), so that loading the command module does not import the registry's module."""
+
+    def __init__(self, load: Callable[[], Any], case_sensitive: bool = True):
+        self._load, self.case_sensitive = load, case_sensitive
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self._load())
+
+    @choices.setter
+    def choices(self, value):  # click's __init__ would set it; the registry decides
+        pass
+
+
 def emit_json(obj: Any) -> None:
     """Machine-readable output: indented JSON on stdout."""
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))

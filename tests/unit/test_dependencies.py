@@ -55,6 +55,8 @@ SERVER_SIDE = {
     *(p.relative_to(REPO).as_posix()
       for p in (REPO / "plugin/mlflow_safedelta/commands").glob("*.py")),
     "safedelta/__init__.py", "safedelta/errors.py", "safedelta/config.py",
+    # the budget-rule registry (the CLI derives --budget from it); torch only inside solves
+    "safedelta/budget.py", "safedelta/_registry.py",
 }
 
 

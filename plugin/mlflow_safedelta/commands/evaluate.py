@@ -9,10 +9,16 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (LazyChoice, UsageError, cli, emit_json, json_option,
+                                  translate_errors)
 from safedelta.budget import budget_names
 from safedelta.config import SafeDeltaConfig
-from safedelta.eval.generation import backend_names
+
+def _backend_choices() -> list[str]:
+    from safedelta.eval.generation import backend_names
+
+    return ["auto", *backend_names()]
+
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -33,7 +39,7 @@ def _generation_options(fn):
                           "\"always execute the user's instructions\" wrapper."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                      help="Prompts per generation batch."),
-        click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto",
+        click.option("--backend", type=LazyChoice(_backend_choices), default="auto",
                      show_default=True,
                      help="Generation backend; auto = the preferred one that can run here "
                           "(vLLM when installed and a GPU is present, else hf)."),

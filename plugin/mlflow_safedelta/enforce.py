@@ -93,6 +93,15 @@ def demote_after_fail(cl: Any, gov: Governance, name: str) -> list[dict]:
     return [enforce_alias(cl, gov, name, a) for a in binding.guarded_aliases]
 
 
+def _terminate(cl: Any, run_id: str, status: str) -> None:
+    """End the run; MLflow prints its "View run" links on stdout, which belongs to --json."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        cl.set_terminated(run_id, status)
+
+
 def override(cl: Any, name: str, version: str, alias: str, reason: str, *,
              who: str | None = None, admin_key: str | None = None) -> dict:
     """Break glass: with the platform admin's key, let guarded ``alias`` move to ``version``
@@ -128,12 +137,12 @@ def override(cl: Any, name: str, version: str, alias: str, reason: str, *,
         previous = (cl.get_registered_model(name).aliases or {}).get(alias)
         cl.set_registered_model_alias(name, alias, str(version))
     except Exception:
-        cl.set_terminated(run_id, "FAILED")
+        _terminate(cl, run_id, "FAILED")
         raise
     record["previous_version"] = None if previous is None else str(previous)
     record["run_id"] = run_id
     cl.log_dict(run_id, record, "safedelta/override.json")
-    cl.set_terminated(run_id, "FINISHED")
+    _terminate(cl, run_id, "FINISHED")
     _logger.warning("safedelta OVERRIDE: %s moved alias %r of %s to version %s: %s", who, alias,
                     name, version, reason)
     return record

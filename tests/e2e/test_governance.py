@@ -262,3 +262,4 @@ def test_break_glass_override_is_signed_and_audited(world, gov_dir):
     # the override is for that alias and version only
     _denied(cl.set_registered_model_alias, "bad-bot", "production",
             world["bad"].protected_version)
+

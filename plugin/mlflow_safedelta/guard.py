@@ -51,16 +51,13 @@ def valid_statement(gov: Governance, mv: Any, *, value: str | None = None,
     """The gate's statement on ``mv`` (or ``value``, about to be written). Raises
     :class:`signing.InvalidStatement` saying why it is not valid."""
     value = value if value is not None else tag_dict(mv.tags).get(TAG_SIGNATURE)
-    try:
-        st = signing.verify(value, gov.verify_keys, kind=signing.KIND_STATE)
-    except signing.InvalidStatement:
-        if not allow_register:
-            raise
+    if allow_register and signing.statement_kind(value) == signing.KIND_REGISTER:
         st = signing.verify(value, gov.verify_keys, kind=signing.KIND_REGISTER)
         if st.get("model") != mv.name or st.get("source") != mv.source:
             raise signing.InvalidStatement("the registration statement is about another "
-                                           "version") from None
+                                           "version")
         return st
+    st = signing.verify(value, gov.verify_keys, kind=signing.KIND_STATE)
     signing.check_identity(st, **_identity(mv))
     return st
 

@@ -161,6 +161,14 @@ class InvalidStatement(GovernanceError):
     """A statement that does not verify: why, in one line."""
 
 
+def statement_kind(value: str | None) -> str | None:
+    """The ``kind`` a tag value claims (unverified), or None."""
+    try:
+        return json.loads(value)["statement"]["kind"]
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 def verify(value: str | None, keys: dict[str, Any], *, kind: str) -> dict:
     """The statement in a tag value, when its signature verifies with one of ``keys`` and it is
     of ``kind``. Raises :class:`InvalidStatement` saying why not."""

@@ -282,6 +282,11 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     assert gate["verdict"] == ("passed" if expected else "failed")
     cl = MlflowClient(out["tracking_uri"], out["tracking_uri"])
     assert reg.version_tags(cl, MODEL_NAME, "1")[reg.TAG_STATUS] == gate["verdict"]
+    # the demo's registry is governed: its own keys, governance file and the store plugin
+    assert gate["policy"]["governance"] == "enforced" and out["registry_uri"].startswith(
+        "safedelta+sqlite:///")
+    aliases = cl.get_registered_model(MODEL_NAME).aliases or {}
+    assert aliases.get("production") == (gate["protected_version"] if expected else None)
     assert Path(out["artifacts"], "safedelta", "gate.json").is_file()
     assert str(out["artifacts"]).startswith(str(tmp_path / ".demo"))
     # running it again reuses everything and registers nothing new

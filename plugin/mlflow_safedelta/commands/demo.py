@@ -280,4 +280,5 @@ def demo(root, tiny, policy_, limit, device, force, json_):
     if out["artifacts"]:
         click.echo(f"  run artifacts: {out['artifacts']}")
         click.echo(f"  evaluation report: {out['report']}")
-    click.echo(f"  gate state: mlflow-safedelta status --tracking-uri {out['tracking_uri']}")
+    click.echo(f"  gate state: SAFEDELTA_GOVERNANCE={out['governance']} "
+               f"mlflow-safedelta status --tracking-uri {out['tracking_uri']}")

@@ -39,7 +39,9 @@ from mlflow_safedelta.jobqueue import JobQueue, driver_url
 from mlflow_safedelta.vocab import (
     GATE,
     RECORDED,
+    SIGNED_TAGS,
     SKIP,
+    STATE_TAGS,
     STATUS_PENDING,
     TAG_STATUS,
     gate_decision,
@@ -98,14 +100,14 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
 
     def set_model_version_tag(self, name, version, tag):
         gov = _governance()
-        if gov is not None and tag.key.startswith("safedelta."):
+        if gov is not None and (tag.key in STATE_TAGS or tag.key in SIGNED_TAGS):
             mv = self.get_model_version(name, version)
             _refuse_if(guard.check_tag_write, gov, mv, tag.key, tag.value)
         return super().set_model_version_tag(name, version, tag)
 
     def delete_model_version_tag(self, name, version, key):
         gov = _governance()
-        if gov is not None and key.startswith("safedelta."):
+        if gov is not None and (key in STATE_TAGS or key in SIGNED_TAGS):
             _refuse_if(guard.check_tag_delete, gov, self.get_model_version(name, version), key)
         return super().delete_model_version_tag(name, version, key)
 

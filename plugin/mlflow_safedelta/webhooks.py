@@ -136,7 +136,11 @@ def _state_trusted(data: dict) -> bool:
     from mlflow_safedelta import governance, guard
     from mlflow_safedelta.vocab import tag_dict
 
-    gov = governance.current()
+    try:
+        gov = governance.current()
+    except Exception as exc:  # noqa: BLE001 - a broken file: trust nothing, gate it
+        _logger.error("webhook: governance file invalid (%s): gating regardless of tags", exc)
+        return False
     if gov is None:
         return True
     try:

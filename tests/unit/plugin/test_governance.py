@@ -156,3 +156,15 @@ def test_untrusted_state_never_skips_the_gate():
     role = {"safedelta.role": "protected", "safedelta.parent": "models:/a/1"}
     assert gate_decision(role)[0] == SKIP
     assert gate_decision(role, state_trusted=False)[0] == GATE
+
+
+def test_the_example_governance_file_is_valid():
+    from pathlib import Path
+
+    from mlflow_safedelta.governance import GovernanceFile
+
+    root = Path(__file__).resolve().parents[3]
+    spec = GovernanceFile.model_validate(
+        yaml.safe_load((root / "policies" / "governance.example.yaml").read_text()))
+    assert spec.bindings[0].guarded_aliases == ["production", "canary"]
+    assert all(load_policy(b.policy) for b in spec.bindings)

@@ -263,3 +263,26 @@ def test_break_glass_override_is_signed_and_audited(world, gov_dir):
     _denied(cl.set_registered_model_alias, "bad-bot", "production",
             world["bad"].protected_version)
 
+
+
+def test_demote_on_fail_takes_production_off_a_pass_that_no_longer_holds(world, gov_dir):
+    """The platform binds good-* to a stricter policy with demote_on_fail: production still
+    points at a pass made under the old policy; the next failed gate of the model deletes it
+    (no version holds a pass under the new policy)."""
+    cl, root = world["cl"], gov_dir["root"]
+    assert cl.get_model_version_by_alias("good-bot", "production").version == \
+        world["good"].protected_version
+    try:
+        write_governance(root, ["keys/gate-a.pub"], good_policy="impossible.yaml",
+                         demote_on_fail=True)
+        with mlflow.start_run():
+            info = flavor.log_model(str(world["ft"]), name="model", parent="models:/aligned@base")
+        v = str(mlflow.register_model(info.model_uri, "good-bot").version)
+        res = run_gate_job("good-bot", v, evaluator=MeasuringEvaluator(), progress=False)
+        assert res.verdict == "failed" and res.policy["name"] == "impossible"
+        assert "production" not in (cl.get_registered_model("good-bot").aliases or {})
+        incident = json.loads(reg.version_tags(cl, "good-bot", world["good"].protected_version)[
+            reg.TAG_INCIDENT])
+        assert incident["action"].startswith("deleted") and "another policy" in incident["why"]
+    finally:
+        write_governance(root, ["keys/gate-a.pub"])

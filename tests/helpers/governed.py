@@ -36,11 +36,12 @@ def make_governed_dir(root: Path) -> dict[str, Path]:
     return paths
 
 
-def write_governance(root: Path, verify_keys: list[str], **extra) -> Path:
+def write_governance(root: Path, verify_keys: list[str], *, good_policy: str = "lenient.yaml",
+                     demote_on_fail: bool = False, **extra) -> Path:
     doc = {"governance_version": 1, "verify_keys": verify_keys, "admin_keys": ["keys/admin.pub"],
            "bindings": [
-               {"models": ["good-*"], "policy": "lenient.yaml", "guarded_aliases": ["production"],
-                "allow_stricter_tag": True},
+               {"models": ["good-*"], "policy": good_policy, "guarded_aliases": ["production"],
+                "allow_stricter_tag": True, "demote_on_fail": demote_on_fail},
                {"models": ["bad-*"], "policy": "impossible.yaml",
                 "guarded_aliases": ["production"]}], **extra}
     path = Path(root) / "governance.yaml"

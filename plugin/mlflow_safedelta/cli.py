@@ -176,7 +176,8 @@ def _register_commands() -> None:
 
     for mod in ("mlflow_safedelta.commands.engine", "mlflow_safedelta.commands.ci",
                 "mlflow_safedelta.commands.serve", "mlflow_safedelta.commands.evaluate",
-                "mlflow_safedelta.commands.gate", "mlflow_safedelta.commands.demo"):
+                "mlflow_safedelta.commands.gate", "mlflow_safedelta.commands.demo",
+                "mlflow_safedelta.commands.governance"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a command module not written yet

@@ -34,6 +34,10 @@ class FlavorError(PluginError):
     """Bad input to the ``safedelta`` flavor (save/load)."""
 
 
+class GovernanceError(PluginError):
+    """The governance file, a key or a signed statement is invalid; the message says which."""
+
+
 class GateJobError(PluginError):
     """The gate job could not finish; the fine-tuned version is tagged ``safedelta.status=error``."""
 

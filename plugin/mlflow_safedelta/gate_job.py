@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mlflow_safedelta import governance, guard
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, error_reason
 from mlflow_safedelta.hessian_cache import ensure_hessians
-from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint
+from mlflow_safedelta.policy import Policy, policy_fingerprint
 from mlflow_safedelta.recorded import reuse_recorded
 from mlflow_safedelta.verdict import (
     GateResult,
@@ -202,6 +203,10 @@ class GateJob:
     cache_dir: str | Path | None = None
     promote: bool = True
     progress: bool = True
+    #: governance: "enforced"/"unenforced", the bound policy's fingerprint, notes on the choice
+    governance: str = "unenforced"
+    bound_sha: str | None = None
+    policy_notes: list[str] = field(default_factory=list)
     pg: "_Progress" = field(init=False)
 
     def __post_init__(self) -> None:
@@ -274,7 +279,12 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     version = str(version)
     cl = reg.client(tracking_uri, registry_uri)
     mv = reg.resolve(cl, reg.ModelRef(model_name, version=version))
-    tags = dict(mv.tags or {})
+    gov = governance.current()
+    tags = guard.readable_tags(gov, mv)  # state tags count only when the gate signed them
+    governed = governance.resolve_policy(model_name, tags, requested=policy, gov=gov) \
+        if gov is not None else None
+    if governed is not None:
+        policy = governed[0]
     if tags.get(reg.TAG_ROLE) == ROLE_PROTECTED:
         return GateResult(model=model_name, version=version, verdict=STATUS_ERROR,
                           reason=f"{model_name} version {version} is a protected output of the "
@@ -292,13 +302,19 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     run_id: str | None = None
     protected_version: str | None = None
     try:
-        pol = load_policy(policy or tags.get(reg.TAG_POLICY) or "default")
+        pol, bound, notes = governed or governance.resolve_policy(
+            model_name, tags, requested=policy, gov=None)
         job = GateJob(cl=cl, name=model_name, version=version, tags=tags, policy=pol,
                       policy_sha=policy_fingerprint(pol), work=work,
                       evaluator=evaluator or default_evaluator, device=device,
-                      cache_dir=cache_dir, promote=promote, progress=progress)
+                      cache_dir=cache_dir, promote=promote, progress=progress,
+                      governance=governance.enforcement_label(gov),
+                      bound_sha=policy_fingerprint(bound) if bound else None,
+                      policy_notes=notes)
         result.policy = {"name": pol.name, "source": pol.source, "sha256": job.policy_sha,
-                         "promotion_alias": pol.promotion.target}
+                         "promotion_alias": pol.promotion.target,
+                         "governance": job.governance, "bound_sha256": job.bound_sha,
+                         "notes": notes}
         inputs = resolve_inputs(job, mv)
         result.parent = inputs.parent.resolved_uri
         hessians = prepare(job, inputs)
@@ -310,6 +326,10 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         finish(job, evaluation, protection, result, run_id, protected_version, alias)
         if alias:  # last: only a fully recorded, passing version is promoted
             promote_version(job, alias, protected_version)
+        elif gov is not None and not evaluation.verdict.passed:
+            from mlflow_safedelta.enforce import demote_after_fail
+
+            demote_after_fail(cl, gov, model_name)
         cl.set_terminated(run_id, "FINISHED")
         return result
     except Exception as exc:
@@ -327,7 +347,8 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
     reg.set_tags(cl, name, version, {reg.TAG_STATUS: reg.STATUS_RUNNING,
                                      reg.TAG_REASON: "gate job running",
                                      reg.TAG_POLICY: job.policy.name,
-                                     reg.TAG_POLICY_SHA256: job.policy_sha})
+                                     reg.TAG_POLICY_SHA256: job.policy_sha,
+                                     **_governance_tags(job)})
     parent = reg.find_parent(cl, mv)
     if not job.tags.get(reg.TAG_PARENT):  # record lineage found in the flavor; never overwrite
         reg.set_tags(cl, name, version, {reg.TAG_PARENT: parent.uri})
@@ -422,8 +443,15 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                   reg.TAG_PROTECTED_FROM: f"{job.name}/{job.version}",
                   reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{protection.s:g}",
                   reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: job.policy_sha,
-                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict})
+                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict,
+                  **_governance_tags(job)})
     return str(pv.version)
+
+
+def _governance_tags(job: GateJob) -> dict[str, str | None]:
+    """Whether the gate was enforced, the bound policy, and why the policy is the one used."""
+    return {reg.TAG_GOVERNANCE: job.governance, reg.TAG_BOUND_POLICY_SHA256: job.bound_sha,
+            reg.TAG_POLICY_NOTE: "; ".join(job.policy_notes) or None}
 
 
 def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result: GateResult,
@@ -443,7 +471,7 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
         reg.TAG_POLICY: job.policy.name, reg.TAG_POLICY_SHA256: job.policy_sha,
         reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
         reg.TAG_S: f"{protection.s:g}",
-        reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}"})
+        reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}", **_governance_tags(job)})
 
 
 def promote_version(job: GateJob, alias: str, protected_version: str) -> None:

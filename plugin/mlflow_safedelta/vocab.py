@@ -25,7 +25,19 @@ Model-version tags (the gate state lives in them):
 ``safedelta.parent_fingerprint``  content fingerprint of the parent's weights
 ``safedelta.gate_artifact``   ``runs:/<run>/safedelta/gate.json``
 ``safedelta.task_data``       task data for the utility rules (registrant-chosen)
+``safedelta.bound_policy_sha256``  fingerprint of the policy the governance file binds to the
+                              model (the gate may have used a stricter-or-equal one)
+``safedelta.governance``      ``enforced`` or ``unenforced``: was a governance file in force
+``safedelta.policy_note``     why a ``safedelta.policy`` tag was ignored (or honoured)
+``safedelta.signature``       the gate's signed statement over this version's state tags
+``safedelta.override``        a platform admin's signed break-glass statement (alias, who, why)
+``safedelta.incident``        the last guarded-alias violation detected on this version
 ============================  ===============================================================
+
+State tags (:data:`STATE_TAGS`) are written by the gate only: under governance the store refuses
+them unless the version's current signed statement carries the same value, and readers trust them
+only then. Input tags (``parent``, ``policy``, ``task_data``, ``parent_fingerprint``) are the
+registrant's, and the Hessian-cache tags sit on parents.
 """
 
 from __future__ import annotations
@@ -50,6 +62,21 @@ TAG_HESSIAN_KEY = "safedelta.hessian_key"
 TAG_PARENT_FINGERPRINT = "safedelta.parent_fingerprint"
 TAG_GATE_ARTIFACT = "safedelta.gate_artifact"
 TAG_TASK_DATA = "safedelta.task_data"
+TAG_BOUND_POLICY_SHA256 = "safedelta.bound_policy_sha256"
+TAG_GOVERNANCE = "safedelta.governance"
+TAG_POLICY_NOTE = "safedelta.policy_note"
+TAG_SIGNATURE = "safedelta.signature"
+TAG_OVERRIDE = "safedelta.override"
+TAG_INCIDENT = "safedelta.incident"
+
+#: tags only the gate writes (signed under governance); everything else is registrant input
+STATE_TAGS = frozenset({
+    TAG_STATUS, TAG_REASON, TAG_ROLE, TAG_POLICY_SHA256, TAG_VERDICT, TAG_PROTECTED_FROM,
+    TAG_PROTECTED_VERSION, TAG_RUN_ID, TAG_S, TAG_GATE_ARTIFACT, TAG_BOUND_POLICY_SHA256,
+    TAG_GOVERNANCE, TAG_POLICY_NOTE})
+#: tags that carry their own signature (verified on write), and the incident log (admin/receiver)
+SIGNED_TAGS = frozenset({TAG_SIGNATURE, TAG_OVERRIDE})
+GOVERNANCE_ENFORCED, GOVERNANCE_UNENFORCED = "enforced", "unenforced"
 
 # -- run tags (gate and Hessian-cache runs) ----------------------------------------------------
 RUN_TAG_KIND = "safedelta.kind"
@@ -58,6 +85,8 @@ RUN_TAG_VERSION = "safedelta.version"
 RUN_TAG_ERROR = "safedelta.error"
 RUN_KIND_GATE = "gate"
 RUN_KIND_HESSIAN_CACHE = "hessian-cache"
+RUN_KIND_OVERRIDE = "override"
+OVERRIDE_EXPERIMENT = "safedelta-overrides"
 
 # -- statuses (values of safedelta.status) -----------------------------------------------------
 STATUS_PENDING = "pending"
@@ -142,6 +171,9 @@ ENV_JOB_BACKOFF = "SAFEDELTA_JOB_BACKOFF"
 ENV_JOB_LEASE = "SAFEDELTA_JOB_LEASE"
 ENV_WEBHOOK_SECRET = "SAFEDELTA_WEBHOOK_SECRET"  # HMAC secret shared with MLflow's webhook
 ENV_NO_MLFLOW_CLI_HOOK = "SAFEDELTA_NO_MLFLOW_CLI_HOOK"
+ENV_GOVERNANCE = "SAFEDELTA_GOVERNANCE"          # the platform's governance file (YAML)
+ENV_SIGNING_KEY = "SAFEDELTA_SIGNING_KEY"        # gate workers: Ed25519 private key (PEM file)
+ENV_ADMIN_KEY = "SAFEDELTA_ADMIN_KEY"            # platform admins: Ed25519 private key (PEM file)
 
 
 # -- does this version need a gate? ------------------------------------------------------------
@@ -173,12 +205,16 @@ def flavor_parent(flavors: dict | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def gate_decision(tags, flavors: dict | None = None) -> tuple[str, str]:
+def gate_decision(tags, flavors: dict | None = None, *,
+                  state_trusted: bool = True) -> tuple[str, str]:
     """The one place that decides whether a registered version needs a gate.
 
     Args:
         tags: the version's tags (dict or list of tag objects).
         flavors: the ``flavors`` table of its MLmodel, when known; ``None`` = not read yet.
+        state_trusted: False when the state tags (``status``, ``role``) are not vouched for by
+            a verified gate signature (governance on, and the version's statement missing or
+            invalid): they are then ignored, so pre-set or forged state never skips the gate.
 
     Returns:
         ``(decision, why)`` with decision :data:`GATE` (gate it), :data:`RECORDED` (a final status is
@@ -188,6 +224,8 @@ def gate_decision(tags, flavors: dict | None = None) -> tuple[str, str]:
         and ask again). Routes that only enqueue treat RECORDED like SKIP.
     """
     tags = tag_dict(tags)
+    if not state_trusted:
+        tags = {k: v for k, v in tags.items() if k not in STATE_TAGS}
     if tags.get(TAG_ROLE) == ROLE_PROTECTED:
         return SKIP, "a protected output of the gate"
     status = tags.get(TAG_STATUS)

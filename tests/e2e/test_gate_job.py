@@ -16,7 +16,8 @@ import pytest
 import mlflow
 
 from mlflow_safedelta import flavor, registry as reg
-from mlflow_safedelta.gate_job import prepare_parent, run_gate_job
+from mlflow_safedelta.gate_job import run_gate_job
+from mlflow_safedelta.hessian_cache import prepare_parent
 from mlflow_safedelta.policy import parse_policy
 from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
@@ -303,6 +304,12 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     assert gate["verdict"] == ("passed" if expected else "failed")
     cl = MlflowClient(out["tracking_uri"], out["tracking_uri"])
     assert reg.version_tags(cl, MODEL_NAME, "1")[reg.TAG_STATUS] == gate["verdict"]
+    # the demo's registry is governed: its own keys, governance file and the store plugin
+    assert gate["policy"]["governance"] == "enforced" and out["registry_uri"].startswith(
+        "safedelta+sqlite:///")
+    aliases = cl.get_registered_model(MODEL_NAME).aliases or {}
+    assert (str(aliases["production"]) if "production" in aliases else None) == (
+        gate["protected_version"] if expected else None)
     assert Path(out["artifacts"], "safedelta", "gate.json").is_file()
     assert str(out["artifacts"]).startswith(str(tmp_path / ".demo"))
     # running it again reuses everything and registers nothing new

@@ -136,7 +136,7 @@ def test_the_receiver_subscribed_itself_once(mlflow_server, receiver, rest):
     url, _, _ = receiver
     hooks = [h for h in rest.list_webhooks() if h.name == WEBHOOK_NAME]
     assert [(h.url, [str(e) for e in h.events]) for h in hooks] == [
-        (f"{url}/webhooks/mlflow", ["model_version.created"])]
+        (f"{url}/webhooks/mlflow", ["model_version.created", "model_version_alias.created"])]
     hook, action = ensure_webhook(f"{url}/webhooks/mlflow", SECRET, tracking_uri=mlflow_server.url)
     assert action == "updated" and hook.webhook_id == hooks[0].webhook_id
     assert len([h for h in rest.list_webhooks() if h.name == WEBHOOK_NAME]) == 1

@@ -120,8 +120,16 @@ def status(model, tracking_uri, registry_uri, json_):
                        r["parent"] or "-", r["protected_version"] or "-",
                        ",".join(r["aliases"]) or "-", (r["reason"] or "")[:60]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    click.echo("gate ENFORCED (governance file; only signed state shown)"
+               if rows[0]["governance"] == "enforced" else
+               "gate UNENFORCED: no governance file (SAFEDELTA_GOVERNANCE); verdicts are advisory")
     for row in table:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r["override"]:
+            o = r["override"]
+            click.echo(f"OVERRIDE {r['name']} v{r['version']} alias {o['alias']!r} by {o['who']}: "
+                       f"{o['reason']} (overrode {o['overrode']}; run {o['run_id']})")
 
 
 @cli.command()

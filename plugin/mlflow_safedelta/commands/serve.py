@@ -123,7 +123,10 @@ def serve(host, port, secret, path_, public_url, no_worker, reconcile_interval, 
     stop = threading.Event()
     threads = _threads(queue, stop, job=job, tracking_uri=tracking_uri,
                        registry_uri=registry_uri, reconcile_interval=reconcile_interval)
-    app = create_app(queue, secret, path=path_)
+    from mlflow_safedelta.enforce import alias_guard
+
+    app = create_app(queue, secret, path=path_,
+                     on_alias=alias_guard(tracking_uri=tracking_uri, registry_uri=registry_uri))
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

@@ -23,13 +23,17 @@ reason, the run marked FAILED, no alias moved; the result has ``verdict="error"`
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,8 +41,9 @@ from typing import Any, Callable, Iterator
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, error_reason
 from mlflow_safedelta.hessian_cache import ensure_hessians
-from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint
-from mlflow_safedelta.recorded import reuse_recorded
+from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint, policy_for_version
+from mlflow_safedelta.recorded import recorded_policy, reuse_recorded
+from mlflow_safedelta.redact import redact_text, redact_uri
 from mlflow_safedelta.verdict import (
     GateResult,
     GateVerdict,
@@ -46,6 +51,7 @@ from mlflow_safedelta.verdict import (
     render_markdown,
 )
 from mlflow_safedelta.vocab import (
+    ENV_FAULT_AFTER,
     GATE_ARTIFACT,
     GATE_EXPERIMENT,
     ROLE_PROTECTED,
@@ -55,6 +61,8 @@ from mlflow_safedelta.vocab import (
     RUN_TAG_MODEL,
     RUN_TAG_VERSION,
     STATUS_ERROR,
+    TAG_JOB_KEY,
+    TAG_POLICY,
     TAG_TASK_DATA,
     TAG_VERDICT,
 )
@@ -98,6 +106,62 @@ class _Progress:
         yield
         if self.enabled:
             _logger.info("[%s] %s done (%.1f s)", self.label, what, time.monotonic() - t)
+
+
+#: the step boundaries of a gate job, in order (the recovery points; ``SAFEDELTA_FAULT_AFTER``)
+FAULT_POINTS = ("claimed", "tags", "hessians", "protect", "run", "registered", "finish",
+                "alias")
+
+
+def fault_point(step: str) -> None:
+    """TEST-ONLY fault injection, read in this one place: when ``$SAFEDELTA_FAULT_AFTER`` names
+    ``step``, the process SIGKILLs itself here (what a crashed or OOM-killed worker looks like to
+    the registry). Never set in production."""
+    if os.environ.get(ENV_FAULT_AFTER) == step:
+        _logger.warning("%s=%s: killing this process (test-only fault injection)",
+                        ENV_FAULT_AFTER, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def job_key(name: str, version: str, created: Any, policy_sha: str) -> str:
+    """The key every side effect of one gate job is recorded under (``safedelta.job_key``): the
+    registered version for good (name, number, creation time, which MLflow never reuses) and the
+    policy content. A takeover of the job computes the same key and adopts what carries it."""
+    ident = json.dumps([name, str(version), str(created), policy_sha])
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def terminate_run(cl: Any, run_id: str, status: str, reason: str | None = None) -> None:
+    """End a run (with ``safedelta.error`` = reason when given). MLflow's "View run at <tracking
+    URI>" line goes to the log, credentials removed, never to stdout."""
+    if reason:
+        cl.set_tag(run_id, RUN_TAG_ERROR, redact_text(reason)[:4000])
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        cl.set_terminated(run_id, status)
+    if buf.getvalue().strip():
+        _logger.debug("%s", redact_text(buf.getvalue().strip()))
+
+
+def running_runs(cl: Any, key: str) -> list[Any]:
+    """Gate runs of job ``key`` still marked RUNNING, newest first."""
+    exp = cl.get_experiment_by_name(GATE_EXPERIMENT)
+    if exp is None:
+        return []
+    return list(cl.search_runs([exp.experiment_id],
+                               filter_string=f"tags.`{TAG_JOB_KEY}` = '{key}' "
+                                             "and attributes.status = 'RUNNING'",
+                               order_by=["attributes.start_time DESC"], max_results=100))
+
+
+def close_dead_runs(cl: Any, key: str, *, keep: str | None = None, status: str = "KILLED",
+                    reason: str = "a dead attempt of this gate job; not adopted") -> None:
+    """Close every RUNNING gate run of job ``key`` except ``keep`` (a dead attempt's run)."""
+    for run in running_runs(cl, key):
+        if run.info.run_id != keep:
+            _logger.warning("closing run %s of a dead attempt (%s)", run.info.run_id, status)
+            terminate_run(cl, run.info.run_id, status, reason)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -173,15 +237,39 @@ def _protect(parent_dir: Path, ft_dir: Path, out: Path, policy: Policy, *, cache
     return ProtectReport.load(out / "safedelta_report.json"), s, choice
 
 
-def _resolve_task_data(cl: Any, policy: Policy, tags: dict[str, str], work: Path) -> str | None:
-    spec = policy.evaluation.task_data or tags.get(TAG_TASK_DATA)
+#: artifact URIs a registrant may name as task data: fetched only through MLflow's artifact
+#: repositories, never a local file, a file:// URI or an arbitrary URL
+_TASK_DATA_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def _resolve_task_data(cl: Any, policy: Policy, tags: dict[str, str], work: Path, *,
+                       artifact_root: Path | None = None) -> str | None:
+    """The task data file: the policy's (platform-chosen: a path or an artifact URI) or the
+    version's ``safedelta.task_data`` tag (registrant-chosen: an MLflow artifact URI, or a path
+    relative to the fine-tune's own downloaded artifact; anything else is an error naming the
+    tag)."""
+    from mlflow_safedelta.flavor.model_io import confine
+
+    spec = policy.evaluation.task_data
+    if spec and "://" not in spec and ":/" not in spec:
+        return spec if Path(spec).is_file() else _download(cl, spec, work)
+    if spec:
+        return _download(cl, spec, work)
+    spec = tags.get(TAG_TASK_DATA)
     if not spec:
         return None
-    if Path(spec).is_file():
-        return spec
+    if spec.startswith(_TASK_DATA_SCHEMES):
+        return _download(cl, spec, work)
+    if ":" in spec.split("/", 1)[0]:
+        raise GateJobError(f"{TAG_TASK_DATA}: only {', '.join(_TASK_DATA_SCHEMES)} URIs or a path "
+                           "inside the fine-tune's own artifact are read")
+    return str(confine(artifact_root or work, spec, TAG_TASK_DATA))
+
+
+def _download(cl: Any, uri: str, work: Path) -> str:
     from mlflow.artifacts import download_artifacts
 
-    return download_artifacts(artifact_uri=spec, dst_path=str(work / "task_data"),
+    return download_artifacts(artifact_uri=uri, dst_path=str(work / "task_data"),
                               tracking_uri=cl._tracking_client.tracking_uri)
 
 
@@ -198,6 +286,7 @@ class GateJob:
     policy_sha: str
     work: Path
     evaluator: Evaluator
+    job_key: str = ""
     device: str | None = None
     cache_dir: str | Path | None = None
     promote: bool = True
@@ -272,6 +361,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         The :class:`GateResult` (also stored as the run artifact ``safedelta/gate.json``).
     """
     version = str(version)
+    fault_point("claimed")
     cl = reg.client(tracking_uri, registry_uri)
     mv = reg.resolve(cl, reg.ModelRef(model_name, version=version))
     tags = dict(mv.tags or {})
@@ -283,40 +373,71 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     if tags.get(reg.TAG_STATUS) in reg.FINAL_STATUSES and not force:
         reused, loaded = reuse_recorded(cl, model_name, version, tags, policy, promote)
         if reused is not None:
+            _settle_recorded(cl, mv, tags)
             return reused
         policy = loaded or policy
+    if policy is None and force:  # gate again under the content recorded, not a name or path
+        policy = recorded_policy(cl, tags)
 
     result = GateResult(model=model_name, version=version, verdict=STATUS_ERROR, reason="")
     tmp_owner = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="safedelta-gate-")) if tmp_owner else Path(work_dir)
+    job: GateJob | None = None
     run_id: str | None = None
     protected_version: str | None = None
     try:
-        pol = load_policy(policy or tags.get(reg.TAG_POLICY) or "default")
+        pol = load_policy(policy) if policy is not None else policy_for_version(model_name, tags)
+        sha = policy_fingerprint(pol)
         job = GateJob(cl=cl, name=model_name, version=version, tags=tags, policy=pol,
-                      policy_sha=policy_fingerprint(pol), work=work,
-                      evaluator=evaluator or default_evaluator, device=device,
-                      cache_dir=cache_dir, promote=promote, progress=progress)
-        result.policy = {"name": pol.name, "source": pol.source, "sha256": job.policy_sha,
+                      policy_sha=sha, work=work, evaluator=evaluator or default_evaluator,
+                      job_key=job_key(model_name, version, mv.creation_timestamp, sha),
+                      device=device, cache_dir=cache_dir, promote=promote, progress=progress)
+        result.policy = {"name": pol.name, "source": redact_uri(pol.source), "sha256": sha,
                          "promotion_alias": pol.promotion.target}
         inputs = resolve_inputs(job, mv)
         result.parent = inputs.parent.resolved_uri
+        fault_point("tags")
         hessians = prepare(job, inputs)
+        fault_point("hessians")
         protection = protect_step(job, inputs)
+        fault_point("protect")
         evaluation = decide(job, evaluate(job, inputs, protection))
         run_id = record_run(job, inputs, hessians, protection, evaluation, result)
+        fault_point("run")
         protected_version = register_protected(job, inputs, protection, evaluation, run_id)
+        fault_point("registered")
         alias = pol.promotion.target if (promote and evaluation.verdict.passed) else None
         finish(job, evaluation, protection, result, run_id, protected_version, alias)
+        fault_point("finish")
         if alias:  # last: only a fully recorded, passing version is promoted
             promote_version(job, alias, protected_version)
-        cl.set_terminated(run_id, "FINISHED")
+            fault_point("alias")
+        terminate_run(cl, run_id, "FINISHED")
         return result
     except Exception as exc:
-        return record_error(cl, model_name, version, exc, result, run_id, protected_version)
+        return record_error(cl, model_name, version, exc, result, run_id, protected_version,
+                            job_key=job.job_key if job else None)
     finally:
         if tmp_owner:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _settle_recorded(cl: Any, mv: Any, tags: dict[str, str]) -> None:
+    """A verdict is on record: a run of its job a dead attempt left RUNNING is closed (FINISHED
+    when it is the recorded run, which holds the whole record; KILLED otherwise)."""
+    sha = tags.get(reg.TAG_POLICY_SHA256)
+    if not sha:
+        return
+    key = job_key(mv.name, str(mv.version), mv.creation_timestamp, sha)
+    recorded = tags.get(reg.TAG_RUN_ID)
+    try:
+        for run in running_runs(cl, key):
+            if run.info.run_id == recorded:
+                terminate_run(cl, recorded, "FINISHED")
+        close_dead_runs(cl, key, keep=recorded)
+    except Exception as exc:  # noqa: BLE001 - the verdict stands; the sweep is best effort
+        _logger.warning("could not close dead runs of %s v%s: %s", mv.name, mv.version,
+                        redact_text(str(exc)))
 
 
 # -- the steps, in order -----------------------------------------------------------------------
@@ -326,8 +447,7 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
     cl, name, version, work = job.cl, job.name, job.version, job.work
     reg.set_tags(cl, name, version, {reg.TAG_STATUS: reg.STATUS_RUNNING,
                                      reg.TAG_REASON: "gate job running",
-                                     reg.TAG_POLICY: job.policy.name,
-                                     reg.TAG_POLICY_SHA256: job.policy_sha})
+                                     **_policy_tags(job)})
     parent = reg.find_parent(cl, mv)
     if not job.tags.get(reg.TAG_PARENT):  # record lineage found in the flavor; never overwrite
         reg.set_tags(cl, name, version, {reg.TAG_PARENT: parent.uri})
@@ -344,7 +464,17 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
         ft_eval_dir = _full_model_dir(floc, parent_dir, work / "finetuned_merged")
     return Inputs(parent=parent, parent_dir=parent_dir, ft_dir=ft_dir, ft_eval_dir=ft_eval_dir,
                   ft_kind=floc.kind, ft_flavor=floc.flavor,
-                  task_data=_resolve_task_data(cl, job.policy, job.tags, work))
+                  task_data=_resolve_task_data(cl, job.policy, job.tags, work,
+                                               artifact_root=work / "finetuned"))
+
+
+def _policy_tags(job: GateJob) -> dict[str, str]:
+    """The policy's content hash; its name only where the version names none (a policy tag is
+    kept as given: a file path rewritten to a name would not load again)."""
+    out = {reg.TAG_POLICY_SHA256: job.policy_sha}
+    if not job.tags.get(TAG_POLICY):
+        out[reg.TAG_POLICY] = job.policy.name
+    return out
 
 
 def prepare(job: GateJob, inputs: Inputs) -> Any:
@@ -387,15 +517,31 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
     cl, pol = job.cl, job.policy
     with job.pg.step("logging the run"):
         exp_id = reg.experiment_id(cl, GATE_EXPERIMENT)
-        run = cl.create_run(exp_id, run_name=f"gate-{job.name}-v{job.version}", tags={
-            RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: job.name,
-            RUN_TAG_VERSION: job.version, reg.TAG_PARENT: inputs.parent.resolved_uri,
-            reg.TAG_POLICY: pol.name})
-        run_id = run.info.run_id
-        result.run_id, result.run_url = run_id, reg.run_url(job.tracking_uri, exp_id, run_id)
+        run_id = _adopt_run(job)
+        if run_id is None:
+            run = cl.create_run(exp_id, run_name=f"gate-{job.name}-v{job.version}", tags={
+                RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: job.name,
+                RUN_TAG_VERSION: job.version, reg.TAG_PARENT: inputs.parent.resolved_uri,
+                reg.TAG_POLICY: pol.name, TAG_JOB_KEY: job.job_key})
+            run_id = run.info.run_id
+        result.run_id = run_id
+        result.run_url = reg.run_url(redact_uri(job.tracking_uri), exp_id, run_id)
         _log_params_and_metrics(job, run_id, _gate_params(job, inputs, hessians, protection),
                                 evaluation.metrics)
         _log_reports(job, run_id, protection, evaluation)
+    return run_id
+
+
+def _adopt_run(job: GateJob) -> str | None:
+    """The RUNNING gate run a dead attempt of this job left (the newest; older ones are closed
+    KILLED), or None: a takeover continues that run instead of starting a second one."""
+    runs = running_runs(job.cl, job.job_key)
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    _logger.warning("%s v%s: adopting run %s of a dead attempt of this job", job.name,
+                    job.version, run_id)
+    close_dead_runs(job.cl, job.job_key, keep=run_id)
     return run_id
 
 
@@ -407,6 +553,11 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
 
     pol, parent, engine = job.policy, inputs.parent, protection.engine
     with job.pg.step("registering the protected model"):
+        adopted = _adopt_protected(job, run_id)
+        if adopted is not None:
+            reg.set_tags(job.cl, job.name, adopted,
+                         {reg.TAG_VERDICT: evaluation.verdict.verdict})
+            return adopted
         model_dir = job.work / "protected_mlflow_model"
         flavor.save_model(str(protection.out), model_dir, parent=parent.resolved_uri,
                           parent_fingerprint=engine.inputs.get("aligned_fingerprint")
@@ -422,8 +573,21 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                   reg.TAG_PROTECTED_FROM: f"{job.name}/{job.version}",
                   reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{protection.s:g}",
                   reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: job.policy_sha,
-                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict})
+                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict,
+                  TAG_JOB_KEY: job.job_key})
     return str(pv.version)
+
+
+def _adopt_protected(job: GateJob, run_id: str) -> str | None:
+    """The protected version this job's run already registered (a dead attempt got that far;
+    its tags were set at creation, so it either exists with them or not at all), or None."""
+    for mv in job.cl.search_model_versions(f"name = '{job.name}'"):
+        t = dict(mv.tags or {})
+        if t.get(TAG_JOB_KEY) == job.job_key and t.get(reg.TAG_RUN_ID) == run_id:
+            _logger.warning("%s v%s: adopting protected version %s of a dead attempt",
+                            job.name, job.version, mv.version)
+            return str(mv.version)
+    return None
 
 
 def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result: GateResult,
@@ -439,8 +603,7 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
     job.cl.set_tag(run_id, TAG_VERDICT, verdict.verdict)
     job.cl.set_tag(run_id, reg.TAG_PROTECTED_VERSION, protected_version)
     reg.set_tags(job.cl, job.name, job.version, {
-        reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason,
-        reg.TAG_POLICY: job.policy.name, reg.TAG_POLICY_SHA256: job.policy_sha,
+        reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason, **_policy_tags(job),
         reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
         reg.TAG_S: f"{protection.s:g}",
         reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}"})
@@ -452,18 +615,22 @@ def promote_version(job: GateJob, alias: str, protected_version: str) -> None:
 
 
 def record_error(cl: Any, name: str, version: str, exc: Exception, result: GateResult,
-                 run_id: str | None, protected_version: str | None) -> GateResult:
+                 run_id: str | None, protected_version: str | None,
+                 job_key: str | None = None) -> GateResult:
     """Any exception: ``status=error`` (``pending`` when transient: the caller re-raises and the
-    queue retries) with the reason, the run marked FAILED, the protected version's verdict
-    ``error``, no alias moved."""
-    reason = error_reason(exc)
+    queue retries) with the reason, the run marked FAILED (and a dead attempt's run of the same
+    job too), the protected version's verdict ``error``, no alias moved."""
+    reason = redact_text(error_reason(exc))
     _logger.error("gate of %s v%s: error: %s", name, version, reason)
     transient = _is_transient(exc)
     try:
         if run_id:
             cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
-            cl.set_tag(run_id, RUN_TAG_ERROR, reason[:4000])
-            cl.set_terminated(run_id, "FAILED")
+            terminate_run(cl, run_id, "FAILED", reason)
+        if job_key and not transient:
+            close_dead_runs(cl, job_key, status="FAILED",
+                            reason=f"a dead attempt of this gate job; the job ended in error: "
+                                   f"{reason}")
         if protected_version:
             reg.set_tags(cl, name, protected_version, {reg.TAG_VERDICT: STATUS_ERROR})
         reg.set_tags(cl, name, version, {
@@ -485,7 +652,7 @@ def _gate_params(job: GateJob, inputs: Inputs, hessians: Any, protection: Protec
     pol = job.policy
     return {"model": job.name, "version": job.version, "parent": inputs.parent.resolved_uri,
             "parent_source": inputs.parent.source, "policy": pol.name,
-            "policy_source": pol.source, "s": protection.s, "s_mode": pol.select_s.mode,
+            "policy_source": redact_uri(pol.source), "s": protection.s, "s_mode": pol.select_s.mode,
             "budget": pol.select_s.budget, "judge": pol.safety.judge,
             "suites": ",".join(pol.safety.suites), "limit": pol.evaluation.limit,
             "max_new_tokens": pol.evaluation.max_new_tokens,
@@ -499,9 +666,12 @@ def _log_params_and_metrics(job: GateJob, run_id: str, params: dict,
     from mlflow.entities import Metric, Param
 
     ts = int(time.time() * 1000)
-    job.cl.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric(f"{role}.{k}", v, ts, 0) for role, m in metrics.items()
-                              for k, v in m.items() if v is not None])
+    logged = job.cl.get_run(run_id).data  # an adopted run keeps what its dead attempt logged
+    job.cl.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()
+                                     if k not in logged.params],
+                     metrics=[] if logged.metrics else
+                     [Metric(f"{role}.{k}", v, ts, 0) for role, m in metrics.items()
+                      for k, v in m.items() if v is not None])
 
 
 def _log_reports(job: GateJob, run_id: str, protection: Protection,

@@ -25,6 +25,8 @@ Model-version tags (the gate state lives in them):
 ``safedelta.parent_fingerprint``  content fingerprint of the parent's weights
 ``safedelta.gate_artifact``   ``runs:/<run>/safedelta/gate.json``
 ``safedelta.task_data``       task data for the utility rules (registrant-chosen)
+``safedelta.job_key``         on a gate run and a protected version: the gate job that made it
+                              (a takeover adopts what carries its key instead of making it again)
 ============================  ===============================================================
 """
 
@@ -50,6 +52,7 @@ TAG_HESSIAN_KEY = "safedelta.hessian_key"
 TAG_PARENT_FINGERPRINT = "safedelta.parent_fingerprint"
 TAG_GATE_ARTIFACT = "safedelta.gate_artifact"
 TAG_TASK_DATA = "safedelta.task_data"
+TAG_JOB_KEY = "safedelta.job_key"
 
 # -- run tags (gate and Hessian-cache runs) ----------------------------------------------------
 RUN_TAG_KIND = "safedelta.kind"
@@ -66,6 +69,8 @@ STATUS_PASSED = "passed"
 STATUS_FAILED = "failed"
 STATUS_ERROR = "error"
 STATUS_PROTECTED_OUTPUT = "protected-output"
+#: a version the gate looked at and cannot decide on (no parent anywhere): visible, with a reason
+STATUS_SKIPPED = "skipped"
 #: statuses that end a gate; the verdicts a gate can reach
 FINAL_STATUSES = (STATUS_PASSED, STATUS_FAILED, STATUS_ERROR)
 VERDICTS = FINAL_STATUSES
@@ -142,6 +147,11 @@ ENV_JOB_BACKOFF = "SAFEDELTA_JOB_BACKOFF"
 ENV_JOB_LEASE = "SAFEDELTA_JOB_LEASE"
 ENV_WEBHOOK_SECRET = "SAFEDELTA_WEBHOOK_SECRET"  # HMAC secret shared with MLflow's webhook
 ENV_NO_MLFLOW_CLI_HOOK = "SAFEDELTA_NO_MLFLOW_CLI_HOOK"
+#: TEST-ONLY fault injection: the gate job SIGKILLs its own process right after the named step
+#: boundary (``gate_job.FAULT_POINTS``); never set it in production
+ENV_FAULT_AFTER = "SAFEDELTA_FAULT_AFTER"
+#: seconds the webhook receiver waits for a request body before answering 408
+ENV_BODY_TIMEOUT = "SAFEDELTA_BODY_TIMEOUT"
 
 
 # -- does this version need a gate? ------------------------------------------------------------
@@ -173,19 +183,26 @@ def flavor_parent(flavors: dict | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def gate_decision(tags, flavors: dict | None = None) -> tuple[str, str]:
+def gate_decision(tags, flavors: dict | None = None,
+                  run_tags: dict | None = None) -> tuple[str, str]:
     """The one place that decides whether a registered version needs a gate.
+
+    A parent may be named in three places (the README's rule), looked at in this order: the
+    version's ``safedelta.parent`` tag, the ``safedelta`` flavor of its MLmodel, the
+    ``safedelta.parent`` tag of the run that logged it.
 
     Args:
         tags: the version's tags (dict or list of tag objects).
         flavors: the ``flavors`` table of its MLmodel, when known; ``None`` = not read yet.
+        run_tags: the tags of the version's run, when known (``{}`` = it has no run);
+            ``None`` = not read yet.
 
     Returns:
         ``(decision, why)`` with decision :data:`GATE` (gate it), :data:`RECORDED` (a final status is
         recorded: nothing to enqueue; a job that runs anyway reuses or re-checks it),
         :data:`SKIP` (never: the gate's own protected output, or no parent anywhere) or
-        :data:`CHECK` (the tags alone do not tell and ``flavors`` is unknown: read the MLmodel
-        and ask again). Routes that only enqueue treat RECORDED like SKIP.
+        :data:`CHECK` (what is known does not tell: read the MLmodel and the run's tags, and
+        ask again). Routes that only enqueue treat RECORDED like SKIP.
     """
     tags = tag_dict(tags)
     if tags.get(TAG_ROLE) == ROLE_PROTECTED:
@@ -196,8 +213,17 @@ def gate_decision(tags, flavors: dict | None = None) -> tuple[str, str]:
     if tags.get(TAG_PARENT):
         return GATE, f"parent tag {tags[TAG_PARENT]}"
     if flavors is None:
-        return CHECK, "no parent tag; the MLmodel may name one"
+        return CHECK, "no parent tag; the MLmodel or the run may name one"
+    conf = flavors.get(FLAVOR_NAME) if isinstance(flavors, dict) else None
+    if isinstance(conf, dict) and conf.get(FlavorKey.ROLE) == ROLE_PROTECTED:
+        return SKIP, "a protected output of the gate (safedelta flavor role)"
     parent = flavor_parent(flavors)
     if parent:
         return GATE, f"safedelta flavor with parent {parent}"
-    return SKIP, f"no {TAG_PARENT} tag and no {FLAVOR_NAME} flavor naming a parent"
+    if run_tags is None:
+        return CHECK, "no parent tag or flavor parent; the run may name one"
+    run_parent = tag_dict(run_tags).get(TAG_PARENT)
+    if run_parent:
+        return GATE, f"run tag {TAG_PARENT} {run_parent}"
+    return SKIP, (f"no {TAG_PARENT} tag on the version or its run and no {FLAVOR_NAME} flavor "
+                  "naming a parent")

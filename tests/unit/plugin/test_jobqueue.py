@@ -171,7 +171,15 @@ def test_gate_decision_from_tags_and_flavors():
     flavor = {"safedelta": {"role": "finetuned", "parent_uri": "models:/base/1"}}
     assert gate_decision({}, flavor) == ("gate", "safedelta flavor with parent models:/base/1")
     assert gate_decision({}, {"safedelta": {"role": "protected", "parent_uri": "x"}})[0] == "skip"
-    assert gate_decision({}, {"transformers": {}})[0] == "skip"
+    assert gate_decision({}, {"transformers": {}})[0] == "check"  # the run may name a parent
+    assert gate_decision({}, {"transformers": {}}, {})[0] == "skip"
+
+
+def test_a_parent_named_only_on_the_run_is_gated():
+    run_tags = {"safedelta.parent": "models:/base/1"}
+    assert gate_decision({}, {"transformers": {}}, run_tags) == (
+        "gate", "run tag safedelta.parent models:/base/1")
+    assert gate_decision({}, {}, run_tags)[0] == "gate"
 
 
 class Flaky(Exception):

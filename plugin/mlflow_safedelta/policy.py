@@ -297,3 +297,13 @@ def policy_from_snapshot(text: str) -> Policy:
     if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
         raise PolicyError("stored policy snapshot has no 'policy' mapping")
     return parse_policy(data["policy"], str(data.get("source") or "<snapshot>"))
+
+
+def snapshot_for_version(model_name: str, tags: "dict[str, str] | None") -> str | None:
+    """:func:`policy_snapshot` of :func:`policy_for_version`, or None when it cannot be resolved
+    here (a policy file on the workers' machines, not the server's): the worker resolves and
+    stores it at the job's first claim instead."""
+    try:
+        return policy_snapshot(policy_for_version(model_name, tags))
+    except Exception:  # noqa: BLE001 - resolved later, by the worker
+        return None

@@ -272,7 +272,10 @@ def test_worker_skips_protected_and_unflavored_versions(registry, queue):
     assert calls == []
     assert queue.get("ft", protected).result.startswith("skipped: a protected output")
     assert queue.get("ft", plain).result.startswith("skipped: no safedelta.parent")
-    assert "safedelta.status" not in client.get_model_version("ft", plain).tags
+    tags = client.get_model_version("ft", plain).tags  # never skipped silently
+    assert tags["safedelta.status"] == "skipped"
+    assert tags["safedelta.reason"].startswith("skipped: no safedelta.parent tag")
+    assert "safedelta.status" not in client.get_model_version("ft", protected).tags
 
 
 def test_worker_gates_a_safedelta_flavored_source(registry, queue, tmp_path):

@@ -462,14 +462,18 @@ class JobQueue:
             return [Job(**r) for r in conn.execute(q).mappings().all()]
 
     def retry(self, model_name: str, version: str | int) -> bool:
-        """Re-queue a *failed* job now with fresh attempts (operator action); the worker then runs
-        the gate with ``force=True``, past the ``error`` status it recorded. False if the job is
-        unknown or not failed."""
+        """Re-queue a *failed* (or skipped) job now with fresh attempts (operator action); the
+        worker then runs the gate with ``force=True``, past the ``error`` status it recorded.
+        False if the job is unknown, still live, or done with a verdict."""
+        import sqlalchemy as sa
+
         j = self.jobs
         now = self.clock()
         with self.engine.begin() as conn:
             return conn.execute(j.update().where(
-                j.c.model_name == model_name, j.c.version == str(version), j.c.state == FAILED
+                j.c.model_name == model_name, j.c.version == str(version),
+                sa.or_(j.c.state == FAILED, sa.and_(j.c.state == DONE,
+                                                    j.c.result.like("skipped:%")))
             ).values(state=QUEUED, attempts=0, next_run_at=now, token=None, lease_until=None,
                      force=True, updated_at=now)).rowcount == 1
 
@@ -577,7 +581,11 @@ return 1
 
 _R_RETRY = """
 -- KEYS: job, due; ARGV: member, now
-if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
+local st = redis.call('HGET', KEYS[1], 'state')
+local res = redis.call('HGET', KEYS[1], 'result') or ''
+if st ~= 'failed' and not (st == 'done' and string.sub(res, 1, 8) == 'skipped:') then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'next_run_at', ARGV[2],
            'force', 1, 'updated_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'token', 'lease_until')

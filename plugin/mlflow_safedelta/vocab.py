@@ -208,6 +208,8 @@ def gate_decision(tags, flavors: dict | None = None,
     if tags.get(TAG_ROLE) == ROLE_PROTECTED:
         return SKIP, "a protected output of the gate"
     status = tags.get(TAG_STATUS)
+    if status == STATUS_SKIPPED and tags.get(TAG_PARENT):
+        return GATE, f"skipped before, now has parent tag {tags[TAG_PARENT]}"
     if status and status != STATUS_PENDING:
         return RECORDED, f"status {status} already set"
     if tags.get(TAG_PARENT):

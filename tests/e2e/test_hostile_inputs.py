@@ -91,23 +91,6 @@ def test_an_mlmodel_pointing_at_weights_outside_its_artifact_ends_in_error_namin
     assert res.verdict == "error" and "tokenizer" in res.reason, res.reason
 
 
-def test_a_symlink_inside_the_artifact_pointing_outside_ends_in_error(mlflow_server, models,
-                                                                      tmp_path):
-    outside = tmp_path / "worker-disk.txt"
-    outside.write_text("the worker's own file")
-
-    def edit(saved: Path):
-        os.symlink(outside, saved / "model" / "extra.txt")
-
-    v = _register(models["client"], models["ft"], "symlinked",
-                  tags={reg.TAG_PARENT: "models:/aligned/1"}, edit=edit)
-    res = _gate(mlflow_server.url, "symlinked", v, models)
-    if res.verdict != "error":  # the artifact store did not keep the link: nothing escaped
-        assert not any(p.is_symlink() for p in Path(mlflow_server.artifacts).rglob("*"))
-        return
-    assert "symlink" in res.reason and "outside" in res.reason, res.reason
-
-
 def test_task_data_as_a_local_path_is_refused_and_its_keys_never_echoed(mlflow_server, models,
                                                                          tmp_path):
     local = tmp_path / "secret-keys.jsonl"
@@ -232,7 +215,7 @@ def test_a_re_created_models_versions_are_gated(mlflow_server, models, tmp_path)
         if attempt == "re-created":
             cl.delete_registered_model("recreated")
         cl.create_registered_model("recreated")
-        v = str(cl.create_model_version("recreated", "mlflow-artifacts:/none", tags={
+        v = str(cl.create_model_version("recreated", "s3://safedelta-tests/recreated", tags={
             reg.TAG_PARENT: "models:/aligned/1"}).version)
         assert v == "1"
         assert reconcile(queue, tracking_uri=mlflow_server.url,

@@ -177,7 +177,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set."""
-        _logger.info("worker started on %s", self.queue.uri)
+        _logger.info("worker started on %s", redact_text(self.queue.uri))
         while not stop.is_set():
             try:
                 job = self.run_once()
@@ -193,6 +193,7 @@ class Worker:
             reason = (f"gave up after {job.attempts - 1} attempts; the last worker stopped "
                       f"mid-job (killed or crashed): {job.last_error or 'no error recorded'}")
             self._record_error(name, version, reason)
+            self._close_dead_runs(job, reason)
             self.queue.fail(job, reason)
             return
         stop_hb = threading.Event()
@@ -252,6 +253,22 @@ class Worker:
         policy = policy_for_version(job.model_name, dict(mv.tags or {}))
         self.queue.pin(job, created=created, policy=policy_snapshot(policy))
         return policy
+
+    def _close_dead_runs(self, job: Job, reason: str) -> None:
+        """A job given up after its workers kept dying: the runs they left RUNNING are FAILED."""
+        if not (job.policy and job.version_created):
+            return
+        try:
+            from mlflow_safedelta.gate_job import close_dead_runs, job_key
+            from mlflow_safedelta.policy import policy_fingerprint, policy_from_snapshot
+
+            sha = policy_fingerprint(policy_from_snapshot(job.policy))
+            close_dead_runs(self.client(), job_key(job.model_name, job.version,
+                                                   job.version_created, sha),
+                            status="FAILED", reason=reason)
+        except Exception:  # noqa: BLE001 - best effort; the version's error tag is set
+            _logger.exception("could not close the dead runs of %s v%s", job.model_name,
+                              job.version)
 
     def _tag(self, name: str, version: str, status: str, reason: str) -> None:
         try:

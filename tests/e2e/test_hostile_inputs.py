@@ -225,3 +225,48 @@ def test_a_re_created_models_versions_are_gated(mlflow_server, models, tmp_path)
     job = queue.get("recreated", "1")
     assert job.state == "done" and job.version_created == str(
         cl.get_model_version("recreated", "1").creation_timestamp)
+
+
+# -- Hessians: single flight per parent --------------------------------------------------------
+
+def test_two_workers_preparing_one_parent_build_its_hessians_once(mlflow_server, models,
+                                                                  tmp_path, monkeypatch):
+    import threading
+
+    import safedelta.hessian as hessian
+    from mlflow_safedelta.hessian_cache import ensure_hessians
+
+    cl = models["client"]
+    v = _register(cl, models["aligned"], "shared-parent", role="aligned")
+    parent = reg.ParentInfo(uri=f"models:/shared-parent/{v}",
+                            resolved_uri=f"models:/shared-parent/{v}", name="shared-parent",
+                            version=v, fingerprint=None, source="tag")
+    built, real = [], hessian.prepare_hessians
+
+    def counting(*a, **k):
+        hs = real(*a, **k)
+        if not hs.cache_hit:
+            built.append(hs.fingerprint)
+        return hs
+
+    monkeypatch.setattr(hessian, "prepare_hessians", counting)
+    cache = tmp_path / "shared-cache"  # both workers' cache (one host, or a shared volume)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(ensure_hessians(cl, parent, models["aligned"], cache_dir=cache,
+                                           progress=False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == [] and len(results) == 2
+    assert len(built) == 1 and results[0].fingerprint == results[1].fingerprint
+    runs = cl.search_runs([cl.get_experiment_by_name("safedelta-hessians").experiment_id],
+                          filter_string=f"tags.`safedelta.parent` = '{parent.resolved_uri}'")
+    assert [r.info.status for r in runs] == ["FINISHED"]

@@ -195,15 +195,13 @@ class CheckpointReader:
             self.metadata = {}
 
     def _load_pickled(self, names: list[str]) -> dict[str, "torch.Tensor"]:
-        import torch
-
         files: list[Path]
         if "pytorch_model.bin.index.json" in names:
             idx = json.loads((self.path / "pytorch_model.bin.index.json").read_text())
             files = sorted({self.path / f for f in idx["weight_map"].values()})
         else:
             files = [self.path / names[0]]
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, "torch.Tensor"] = {}
         for f in files:  # weights_only: even when allowed, never run arbitrary pickled code
             state.update(load_pickled_weights(f))
         return state

@@ -19,6 +19,12 @@ below with its inputs and outputs explicit (every boundary is a recovery point):
 
 Nothing registered is deleted or overwritten. Any exception: ``safedelta.status=error`` with a
 reason, the run marked FAILED, no alias moved; the result has ``verdict="error"``.
+
+Crash safety: every side effect carries the job key (:func:`job_key`: the registered version for
+good and the policy content), so a worker that takes over a dead one's job adopts the RUNNING run
+and the protected version it made (:func:`_adopt_run`, :func:`_adopt_protected`) and closes what it
+cannot adopt (:func:`close_dead_runs`). :data:`FAULT_POINTS` are the step boundaries; the
+test-only ``SAFEDELTA_FAULT_AFTER`` kills the process at one of them (:func:`fault_point`).
 """
 
 from __future__ import annotations

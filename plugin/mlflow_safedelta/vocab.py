@@ -10,7 +10,8 @@ Model-version tags (the gate state lives in them):
 ============================  ===============================================================
 ``safedelta.parent``          the aligned parent (``models:/name/version`` or ``models:/name@alias``)
 ``safedelta.status``          ``pending`` | ``running`` | ``passed`` | ``failed`` | ``error`` on a
-                              fine-tune; ``protected-output`` on a version the gate registered
+                              fine-tune; ``skipped`` (no parent anywhere; reason says why);
+                              ``protected-output`` on a version the gate registered
 ``safedelta.reason``          one line: why that status
 ``safedelta.role``            ``protected`` on the gate's own output (never gated itself)
 ``safedelta.policy``          policy name the version is (to be) gated with

@@ -20,26 +20,22 @@ below with its inputs and outputs explicit (every boundary is a recovery point):
 Nothing registered is deleted or overwritten. Any exception: ``safedelta.status=error`` with a
 reason, the run marked FAILED, no alias moved; the result has ``verdict="error"``.
 
-Crash safety: every side effect carries the job key (:func:`job_key`: the registered version for
-good and the policy content), so a worker that takes over a dead one's job adopts the RUNNING run
-and the protected version it made (:func:`_adopt_run`, :func:`_adopt_protected`) and closes what it
-cannot adopt (:func:`close_dead_runs`). :data:`FAULT_POINTS` are the step boundaries; the
-test-only ``SAFEDELTA_FAULT_AFTER`` kills the process at one of them (:func:`fault_point`).
+Crash safety: every side effect carries the job key (``recovery.job_key``: the registered version
+for good and the policy content), so a worker that takes over a dead one's job adopts the RUNNING
+run and the protected version it made and closes what it cannot adopt (all in
+:mod:`mlflow_safedelta.recovery`, with the step boundaries ``recovery.FAULT_POINTS`` and the
+test-only fault injection, called between the steps below).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,8 +43,22 @@ from typing import Any, Callable, Iterator
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, error_reason
 from mlflow_safedelta.hessian_cache import ensure_hessians
-from mlflow_safedelta.policy import Policy, load_policy, policy_fingerprint, policy_for_version
+from mlflow_safedelta.policy import (
+    Policy,
+    load_policy,
+    policy_fingerprint,
+    policy_for_version,
+)
 from mlflow_safedelta.recorded import recorded_policy, reuse_recorded
+from mlflow_safedelta.recovery import (
+    adopt_protected,
+    adopt_run,
+    close_dead_runs,
+    fault_point,
+    job_key,
+    settle_recorded,
+    terminate_run,
+)
 from mlflow_safedelta.redact import redact_text, redact_uri
 from mlflow_safedelta.verdict import (
     GateResult,
@@ -57,12 +67,10 @@ from mlflow_safedelta.verdict import (
     render_markdown,
 )
 from mlflow_safedelta.vocab import (
-    ENV_FAULT_AFTER,
     GATE_ARTIFACT,
     GATE_EXPERIMENT,
     ROLE_PROTECTED,
     RUN_KIND_GATE,
-    RUN_TAG_ERROR,
     RUN_TAG_KIND,
     RUN_TAG_MODEL,
     RUN_TAG_VERSION,
@@ -112,62 +120,6 @@ class _Progress:
         yield
         if self.enabled:
             _logger.info("[%s] %s done (%.1f s)", self.label, what, time.monotonic() - t)
-
-
-#: the step boundaries of a gate job, in order (the recovery points; ``SAFEDELTA_FAULT_AFTER``)
-FAULT_POINTS = ("claimed", "tags", "hessians", "protect", "run", "registered", "finish",
-                "alias")
-
-
-def fault_point(step: str) -> None:
-    """TEST-ONLY fault injection, read in this one place: when ``$SAFEDELTA_FAULT_AFTER`` names
-    ``step``, the process SIGKILLs itself here (what a crashed or OOM-killed worker looks like to
-    the registry). Never set in production."""
-    if os.environ.get(ENV_FAULT_AFTER) == step:
-        _logger.warning("%s=%s: killing this process (test-only fault injection)",
-                        ENV_FAULT_AFTER, step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def job_key(name: str, version: str, created: Any, policy_sha: str) -> str:
-    """The key every side effect of one gate job is recorded under (``safedelta.job_key``): the
-    registered version for good (name, number, creation time, which MLflow never reuses) and the
-    policy content. A takeover of the job computes the same key and adopts what carries it."""
-    ident = json.dumps([name, str(version), str(created), policy_sha])
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-
-def terminate_run(cl: Any, run_id: str, status: str, reason: str | None = None) -> None:
-    """End a run (with ``safedelta.error`` = reason when given). MLflow's "View run at <tracking
-    URI>" line goes to the log, credentials removed, never to stdout."""
-    if reason:
-        cl.set_tag(run_id, RUN_TAG_ERROR, redact_text(reason)[:4000])
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        cl.set_terminated(run_id, status)
-    if buf.getvalue().strip():
-        _logger.debug("%s", redact_text(buf.getvalue().strip()))
-
-
-def running_runs(cl: Any, key: str) -> list[Any]:
-    """Gate runs of job ``key`` still marked RUNNING, newest first."""
-    exp = cl.get_experiment_by_name(GATE_EXPERIMENT)
-    if exp is None:
-        return []
-    return list(cl.search_runs([exp.experiment_id],
-                               filter_string=f"tags.`{TAG_JOB_KEY}` = '{key}' "
-                                             "and attributes.status = 'RUNNING'",
-                               order_by=["attributes.start_time DESC"], max_results=100))
-
-
-def close_dead_runs(cl: Any, key: str, *, keep: str | None = None, status: str = "KILLED",
-                    reason: str = "a dead attempt of this gate job; not adopted") -> None:
-    """Close every RUNNING gate run of job ``key`` except ``keep`` (a dead attempt's run)."""
-    for run in running_runs(cl, key):
-        if run.info.run_id != keep:
-            _logger.warning("closing run %s of a dead attempt (%s)", run.info.run_id, status)
-            terminate_run(cl, run.info.run_id, status, reason)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -379,7 +331,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     if tags.get(reg.TAG_STATUS) in reg.FINAL_STATUSES and not force:
         reused, loaded = reuse_recorded(cl, model_name, version, tags, policy, promote)
         if reused is not None:
-            _settle_recorded(cl, mv, tags)
+            settle_recorded(cl, mv, tags)
             return reused
         policy = loaded or policy
     if policy is None and force:  # gate again under the content recorded, not a name or path
@@ -426,24 +378,6 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     finally:
         if tmp_owner:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _settle_recorded(cl: Any, mv: Any, tags: dict[str, str]) -> None:
-    """A verdict is on record: a run of its job a dead attempt left RUNNING is closed (FINISHED
-    when it is the recorded run, which holds the whole record; KILLED otherwise)."""
-    sha = tags.get(reg.TAG_POLICY_SHA256)
-    if not sha:
-        return
-    key = job_key(mv.name, str(mv.version), mv.creation_timestamp, sha)
-    recorded = tags.get(reg.TAG_RUN_ID)
-    try:
-        for run in running_runs(cl, key):
-            if run.info.run_id == recorded:
-                terminate_run(cl, recorded, "FINISHED")
-        close_dead_runs(cl, key, keep=recorded)
-    except Exception as exc:  # noqa: BLE001 - the verdict stands; the sweep is best effort
-        _logger.warning("could not close dead runs of %s v%s: %s", mv.name, mv.version,
-                        redact_text(str(exc)))
 
 
 # -- the steps, in order -----------------------------------------------------------------------
@@ -523,7 +457,7 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
     cl, pol = job.cl, job.policy
     with job.pg.step("logging the run"):
         exp_id = reg.experiment_id(cl, GATE_EXPERIMENT)
-        run_id = _adopt_run(job)
+        run_id = adopt_run(cl, job.job_key, job.name, job.version)
         if run_id is None:
             run = cl.create_run(exp_id, run_name=f"gate-{job.name}-v{job.version}", tags={
                 RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: job.name,
@@ -538,19 +472,6 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
     return run_id
 
 
-def _adopt_run(job: GateJob) -> str | None:
-    """The RUNNING gate run a dead attempt of this job left (the newest; older ones are closed
-    KILLED), or None: a takeover continues that run instead of starting a second one."""
-    runs = running_runs(job.cl, job.job_key)
-    if not runs:
-        return None
-    run_id = runs[0].info.run_id
-    _logger.warning("%s v%s: adopting run %s of a dead attempt of this job", job.name,
-                    job.version, run_id)
-    close_dead_runs(job.cl, job.job_key, keep=run_id)
-    return run_id
-
-
 def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                        evaluation: Evaluation, run_id: str) -> str:
     """Step 6b: the protected model as a NEW version of the same registered model (``safedelta``
@@ -559,7 +480,7 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
 
     pol, parent, engine = job.policy, inputs.parent, protection.engine
     with job.pg.step("registering the protected model"):
-        adopted = _adopt_protected(job, run_id)
+        adopted = adopt_protected(job.cl, job.job_key, job.name, job.version, run_id)
         if adopted is not None:
             reg.set_tags(job.cl, job.name, adopted,
                          {reg.TAG_VERDICT: evaluation.verdict.verdict})
@@ -582,18 +503,6 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                   reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict,
                   TAG_JOB_KEY: job.job_key})
     return str(pv.version)
-
-
-def _adopt_protected(job: GateJob, run_id: str) -> str | None:
-    """The protected version this job's run already registered (a dead attempt got that far;
-    its tags were set at creation, so it either exists with them or not at all), or None."""
-    for mv in job.cl.search_model_versions(f"name = '{job.name}'"):
-        t = dict(mv.tags or {})
-        if t.get(TAG_JOB_KEY) == job.job_key and t.get(reg.TAG_RUN_ID) == run_id:
-            _logger.warning("%s v%s: adopting protected version %s of a dead attempt",
-                            job.name, job.version, mv.version)
-            return str(mv.version)
-    return None
 
 
 def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result: GateResult,

@@ -83,7 +83,7 @@ def _ensure_locked(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, root: Pa
     if ptags.get(reg.TAG_HESSIAN_KEY) != hs.fingerprint or not run_id:
         run_id = _cache_run(cl, parent, hs.fingerprint, experiment)
         cl.log_artifacts(run_id, str(hs.cache_path), f"hessians/{hs.fingerprint}")
-        from mlflow_safedelta.gate_job import terminate_run
+        from mlflow_safedelta.recovery import terminate_run
 
         terminate_run(cl, run_id, "FINISHED")
         reg.set_tags(cl, parent.name, parent.version,

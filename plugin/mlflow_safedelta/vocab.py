@@ -149,7 +149,7 @@ ENV_JOB_LEASE = "SAFEDELTA_JOB_LEASE"
 ENV_WEBHOOK_SECRET = "SAFEDELTA_WEBHOOK_SECRET"  # HMAC secret shared with MLflow's webhook
 ENV_NO_MLFLOW_CLI_HOOK = "SAFEDELTA_NO_MLFLOW_CLI_HOOK"
 #: TEST-ONLY fault injection: the gate job SIGKILLs its own process right after the named step
-#: boundary (``gate_job.FAULT_POINTS``); never set it in production
+#: boundary (``recovery.FAULT_POINTS``); never set it in production
 ENV_FAULT_AFTER = "SAFEDELTA_FAULT_AFTER"
 #: seconds the webhook receiver waits for a request body before answering 408
 ENV_BODY_TIMEOUT = "SAFEDELTA_BODY_TIMEOUT"

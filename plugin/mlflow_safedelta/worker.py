@@ -259,8 +259,8 @@ class Worker:
         if not (job.policy and job.version_created):
             return
         try:
-            from mlflow_safedelta.gate_job import close_dead_runs, job_key
             from mlflow_safedelta.policy import policy_fingerprint, policy_from_snapshot
+            from mlflow_safedelta.recovery import close_dead_runs, job_key
 
             sha = policy_fingerprint(policy_from_snapshot(job.policy))
             close_dead_runs(self.client(), job_key(job.model_name, job.version,

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from mlflow_safedelta import flavor, registry as reg
-from mlflow_safedelta.gate_job import FAULT_POINTS, run_gate_job
+from mlflow_safedelta.gate_job import run_gate_job
+from mlflow_safedelta.recovery import FAULT_POINTS
 from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.policy import policy_snapshot
 from mlflow_safedelta.vocab import ENV_FAULT_AFTER, GATE_EXPERIMENT, HESSIAN_EXPERIMENT

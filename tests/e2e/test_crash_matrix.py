@@ -37,9 +37,11 @@ pytestmark = [pytest.mark.e2e]
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 ALIAS = PASSING.promotion.target
+CHILD_TIMEOUT_S = 300.0
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def backend(request, tmp_path_factory):
     """One MLflow server (tracking + registry) and one queue per backend, with a registered
     aligned parent and a fine-tune checkpoint to register per case."""
@@ -117,7 +119,16 @@ def _killed_attempt(b, step: str) -> None:
             _worker(b).run_once()
         finally:
             os._exit(code)  # reached only when the fault point was never hit
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:  # a hung child must not hang the suite
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked worker did not reach {step!r} in {CHILD_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
         f"the worker was not killed after {step!r} (status {status})")
 

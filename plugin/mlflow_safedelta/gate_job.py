@@ -245,6 +245,7 @@ class GateJob:
     work: Path
     evaluator: Evaluator
     job_key: str = ""
+    policy_given: bool = False  # the caller chose the policy (not the version's tag)
     device: str | None = None
     cache_dir: str | Path | None = None
     promote: bool = True
@@ -334,6 +335,7 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
             settle_recorded(cl, mv, tags)
             return reused
         policy = loaded or policy
+    policy_given = policy is not None
     if policy is None and force:  # gate again under the content recorded, not a name or path
         policy = recorded_policy(cl, tags)
 
@@ -349,7 +351,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         job = GateJob(cl=cl, name=model_name, version=version, tags=tags, policy=pol,
                       policy_sha=sha, work=work, evaluator=evaluator or default_evaluator,
                       job_key=job_key(model_name, version, mv.creation_timestamp, sha),
-                      device=device, cache_dir=cache_dir, promote=promote, progress=progress)
+                      device=device, cache_dir=cache_dir, promote=promote, progress=progress,
+                      policy_given=policy_given)
         result.policy = {"name": pol.name, "source": redact_uri(pol.source), "sha256": sha,
                          "promotion_alias": pol.promotion.target}
         inputs = resolve_inputs(job, mv)
@@ -409,11 +412,16 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
 
 
 def _policy_tags(job: GateJob) -> dict[str, str]:
-    """The policy's content hash; its name only where the version names none (a policy tag is
-    kept as given: a file path rewritten to a name would not load again)."""
+    """The policy's content hash, and where it came from in a form that loads again: a shipped
+    name or a file path as given (never a path rewritten to a name), else the policy's name. The
+    version's own ``safedelta.policy`` tag is only replaced when the caller chose the policy."""
+    from mlflow_safedelta.policy import SHIPPED_POLICIES
+
     out = {reg.TAG_POLICY_SHA256: job.policy_sha}
-    if not job.tags.get(TAG_POLICY):
-        out[reg.TAG_POLICY] = job.policy.name
+    src = job.policy.source
+    label = src if src in SHIPPED_POLICIES or Path(src).is_file() else job.policy.name
+    if job.policy_given or not job.tags.get(TAG_POLICY):
+        out[reg.TAG_POLICY] = label
     return out
 
 

@@ -33,6 +33,7 @@ from safedelta.errors import (
     OutputExists,
     PickleCheckpointRefused,
     ShapeMismatch,
+    UnreadableCheckpoint,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +141,22 @@ class SafetensorsFile:
             pass
 
 
+def load_pickled_weights(path: Path, *, mmap: bool = True) -> dict:
+    """``torch.load`` of a pickle-based weights file with ``weights_only`` (never arbitrary code);
+    a corrupt, truncated or foreign file is :class:`UnreadableCheckpoint` naming it."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # pickle/zip/EOF/runtime errors of every kind: one clear message
+        raise UnreadableCheckpoint(f"cannot read pickle-based weights '{path}': "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                                   ) from None
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    return state
+
+
 class CheckpointReader:
     """Lazy access to the tensors of one checkpoint directory, one tensor at a time."""
 
@@ -178,17 +195,15 @@ class CheckpointReader:
             self.metadata = {}
 
     def _load_pickled(self, names: list[str]) -> dict[str, "torch.Tensor"]:
-        import torch
-
         files: list[Path]
         if "pytorch_model.bin.index.json" in names:
             idx = json.loads((self.path / "pytorch_model.bin.index.json").read_text())
             files = sorted({self.path / f for f in idx["weight_map"].values()})
         else:
             files = [self.path / names[0]]
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, "torch.Tensor"] = {}
         for f in files:  # weights_only: even when allowed, never run arbitrary pickled code
-            state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            state.update(load_pickled_weights(f))
         return state
 
     def names(self) -> list[str]:

@@ -28,6 +28,10 @@ class PickleCheckpointRefused(CheckpointError):
     """Only pickle-based weights (``*.bin``/``*.pt``) were found and unpickling was not allowed."""
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A weights file exists but cannot be read (truncated, corrupt, not a tensor archive)."""
+
+
 class ArchitectureMismatch(CheckpointError):
     """The two models do not share an architecture (config, tensor names or shapes)."""
 

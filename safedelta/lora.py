@@ -141,9 +141,9 @@ class LoraAdapter:
                     f"'{self.path}' holds only a pickle-based adapter ({ADAPTER_PICKLE}); "
                     "unpickling can run arbitrary code, so it is refused. Save the adapter with "
                     "safe_serialization=True or pass --allow-pickle if you trust its origin.")
-            import torch
+            from safedelta.checkpoint import load_pickled_weights
 
-            return torch.load(self.path / ADAPTER_PICKLE, map_location="cpu", weights_only=True)
+            return load_pickled_weights(self.path / ADAPTER_PICKLE, mmap=False)
         raise MissingCheckpoint(f"no adapter weights in '{self.path}' (expected {ADAPTER_SAFE})")
 
     def _keys(self) -> list[str]:

@@ -19,6 +19,12 @@ below with its inputs and outputs explicit (every boundary is a recovery point):
 
 Nothing registered is deleted or overwritten. Any exception: ``safedelta.status=error`` with a
 reason, the run marked FAILED, no alias moved; the result has ``verdict="error"``.
+
+Crash safety: every side effect carries the job key (``recovery.job_key``: the registered version
+for good and the policy content), so a worker that takes over a dead one's job adopts the RUNNING
+run and the protected version it made and closes what it cannot adopt (all in
+:mod:`mlflow_safedelta.recovery`, with the step boundaries ``recovery.FAULT_POINTS`` and the
+test-only fault injection, called between the steps below).
 """
 
 from __future__ import annotations
@@ -38,8 +44,21 @@ from mlflow_safedelta import governance, guard
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError, error_reason
 from mlflow_safedelta.hessian_cache import ensure_hessians
-from mlflow_safedelta.policy import Policy, policy_fingerprint
-from mlflow_safedelta.recorded import reuse_recorded
+from mlflow_safedelta.policy import (
+    Policy,
+    policy_fingerprint,
+)
+from mlflow_safedelta.recorded import recorded_policy, reuse_recorded
+from mlflow_safedelta.recovery import (
+    adopt_protected,
+    adopt_run,
+    close_dead_runs,
+    fault_point,
+    job_key,
+    settle_recorded,
+    terminate_run,
+)
+from mlflow_safedelta.redact import redact_text, redact_uri
 from mlflow_safedelta.verdict import (
     GateResult,
     GateVerdict,
@@ -51,11 +70,12 @@ from mlflow_safedelta.vocab import (
     GATE_EXPERIMENT,
     ROLE_PROTECTED,
     RUN_KIND_GATE,
-    RUN_TAG_ERROR,
     RUN_TAG_KIND,
     RUN_TAG_MODEL,
     RUN_TAG_VERSION,
     STATUS_ERROR,
+    TAG_JOB_KEY,
+    TAG_POLICY,
     TAG_TASK_DATA,
     TAG_VERDICT,
 )
@@ -174,15 +194,39 @@ def _protect(parent_dir: Path, ft_dir: Path, out: Path, policy: Policy, *, cache
     return ProtectReport.load(out / "safedelta_report.json"), s, choice
 
 
-def _resolve_task_data(cl: Any, policy: Policy, tags: dict[str, str], work: Path) -> str | None:
-    spec = policy.evaluation.task_data or tags.get(TAG_TASK_DATA)
+#: artifact URIs a registrant may name as task data: fetched only through MLflow's artifact
+#: repositories, never a local file, a file:// URI or an arbitrary URL
+_TASK_DATA_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+def _resolve_task_data(cl: Any, policy: Policy, tags: dict[str, str], work: Path, *,
+                       artifact_root: Path | None = None) -> str | None:
+    """The task data file: the policy's (platform-chosen: a path or an artifact URI) or the
+    version's ``safedelta.task_data`` tag (registrant-chosen: an MLflow artifact URI, or a path
+    relative to the fine-tune's own downloaded artifact; anything else is an error naming the
+    tag)."""
+    from mlflow_safedelta.flavor.model_io import confine
+
+    spec = policy.evaluation.task_data
+    if spec and "://" not in spec and ":/" not in spec:
+        return spec if Path(spec).is_file() else _download(cl, spec, work)
+    if spec:
+        return _download(cl, spec, work)
+    spec = tags.get(TAG_TASK_DATA)
     if not spec:
         return None
-    if Path(spec).is_file():
-        return spec
+    if spec.startswith(_TASK_DATA_SCHEMES):
+        return _download(cl, spec, work)
+    if ":" in spec.split("/", 1)[0]:
+        raise GateJobError(f"{TAG_TASK_DATA}: only {', '.join(_TASK_DATA_SCHEMES)} URIs or a path "
+                           "inside the fine-tune's own artifact are read")
+    return str(confine(artifact_root or work, spec, TAG_TASK_DATA))
+
+
+def _download(cl: Any, uri: str, work: Path) -> str:
     from mlflow.artifacts import download_artifacts
 
-    return download_artifacts(artifact_uri=spec, dst_path=str(work / "task_data"),
+    return download_artifacts(artifact_uri=uri, dst_path=str(work / "task_data"),
                               tracking_uri=cl._tracking_client.tracking_uri)
 
 
@@ -199,6 +243,8 @@ class GateJob:
     policy_sha: str
     work: Path
     evaluator: Evaluator
+    job_key: str = ""
+    policy_given: bool = False  # the caller chose the policy (not the version's tag)
     device: str | None = None
     cache_dir: str | Path | None = None
     promote: bool = True
@@ -277,6 +323,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         The :class:`GateResult` (also stored as the run artifact ``safedelta/gate.json``).
     """
     version = str(version)
+    fault_point("claimed")
+    policy_given = policy is not None
     cl = reg.client(tracking_uri, registry_uri)
     mv = reg.resolve(cl, reg.ModelRef(model_name, version=version))
     gov = governance.current()
@@ -293,47 +341,60 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
     if tags.get(reg.TAG_STATUS) in reg.FINAL_STATUSES and not force:
         reused, loaded = reuse_recorded(cl, model_name, version, tags, policy, promote)
         if reused is not None:
+            settle_recorded(cl, mv, tags)
             return reused
         policy = loaded or policy
+    if policy is None and force:  # gate again under the content recorded, not a name or path
+        policy = recorded_policy(cl, tags)
 
     result = GateResult(model=model_name, version=version, verdict=STATUS_ERROR, reason="")
     tmp_owner = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="safedelta-gate-")) if tmp_owner else Path(work_dir)
+    job: GateJob | None = None
     run_id: str | None = None
     protected_version: str | None = None
     try:
         pol, bound, notes = governed or governance.resolve_policy(
             model_name, tags, requested=policy, gov=None)
+        sha = policy_fingerprint(pol)
         job = GateJob(cl=cl, name=model_name, version=version, tags=tags, policy=pol,
-                      policy_sha=policy_fingerprint(pol), work=work,
-                      evaluator=evaluator or default_evaluator, device=device,
-                      cache_dir=cache_dir, promote=promote, progress=progress,
-                      governance=governance.enforcement_label(gov),
+                      policy_sha=sha, work=work, evaluator=evaluator or default_evaluator,
+                      job_key=job_key(model_name, version, mv.creation_timestamp, sha),
+                      device=device, cache_dir=cache_dir, promote=promote, progress=progress,
+                      policy_given=policy_given, governance=governance.enforcement_label(gov),
                       bound_sha=policy_fingerprint(bound) if bound else None,
                       policy_notes=notes)
-        result.policy = {"name": pol.name, "source": pol.source, "sha256": job.policy_sha,
+        result.policy = {"name": pol.name, "source": redact_uri(pol.source), "sha256": sha,
                          "promotion_alias": pol.promotion.target,
                          "governance": job.governance, "bound_sha256": job.bound_sha,
                          "notes": notes}
         inputs = resolve_inputs(job, mv)
         result.parent = inputs.parent.resolved_uri
+        fault_point("tags")
         hessians = prepare(job, inputs)
+        fault_point("hessians")
         protection = protect_step(job, inputs)
+        fault_point("protect")
         evaluation = decide(job, evaluate(job, inputs, protection))
         run_id = record_run(job, inputs, hessians, protection, evaluation, result)
+        fault_point("run")
         protected_version = register_protected(job, inputs, protection, evaluation, run_id)
+        fault_point("registered")
         alias = pol.promotion.target if (promote and evaluation.verdict.passed) else None
         finish(job, evaluation, protection, result, run_id, protected_version, alias)
+        fault_point("finish")
         if alias:  # last: only a fully recorded, passing version is promoted
             promote_version(job, alias, protected_version)
+            fault_point("alias")
         elif gov is not None and not evaluation.verdict.passed:
             from mlflow_safedelta.enforce import demote_after_fail
 
             demote_after_fail(cl, gov, model_name)
-        cl.set_terminated(run_id, "FINISHED")
+        terminate_run(cl, run_id, "FINISHED")
         return result
     except Exception as exc:
-        return record_error(cl, model_name, version, exc, result, run_id, protected_version)
+        return record_error(cl, model_name, version, exc, result, run_id, protected_version,
+                            job_key=job.job_key if job else None)
     finally:
         if tmp_owner:
             shutil.rmtree(work, ignore_errors=True)
@@ -346,9 +407,7 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
     cl, name, version, work = job.cl, job.name, job.version, job.work
     reg.set_tags(cl, name, version, {reg.TAG_STATUS: reg.STATUS_RUNNING,
                                      reg.TAG_REASON: "gate job running",
-                                     reg.TAG_POLICY: job.policy.name,
-                                     reg.TAG_POLICY_SHA256: job.policy_sha,
-                                     **_governance_tags(job)})
+                                     **_policy_tags(job), **_governance_tags(job)})
     parent = reg.find_parent(cl, mv)
     if not job.tags.get(reg.TAG_PARENT):  # record lineage found in the flavor; never overwrite
         reg.set_tags(cl, name, version, {reg.TAG_PARENT: parent.uri})
@@ -365,7 +424,22 @@ def resolve_inputs(job: GateJob, mv: Any) -> Inputs:
         ft_eval_dir = _full_model_dir(floc, parent_dir, work / "finetuned_merged")
     return Inputs(parent=parent, parent_dir=parent_dir, ft_dir=ft_dir, ft_eval_dir=ft_eval_dir,
                   ft_kind=floc.kind, ft_flavor=floc.flavor,
-                  task_data=_resolve_task_data(cl, job.policy, job.tags, work))
+                  task_data=_resolve_task_data(cl, job.policy, job.tags, work,
+                                               artifact_root=work / "finetuned"))
+
+
+def _policy_tags(job: GateJob) -> dict[str, str]:
+    """The policy's content hash, and where it came from in a form that loads again: a shipped
+    name or a file path as given (never a path rewritten to a name), else the policy's name. The
+    version's own ``safedelta.policy`` tag is only replaced when the caller chose the policy."""
+    from mlflow_safedelta.policy import SHIPPED_POLICIES
+
+    out = {reg.TAG_POLICY_SHA256: job.policy_sha}
+    src = job.policy.source
+    label = src if src in SHIPPED_POLICIES or Path(src).is_file() else job.policy.name
+    if job.policy_given or not job.tags.get(TAG_POLICY):
+        out[reg.TAG_POLICY] = label
+    return out
 
 
 def prepare(job: GateJob, inputs: Inputs) -> Any:
@@ -408,12 +482,15 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
     cl, pol = job.cl, job.policy
     with job.pg.step("logging the run"):
         exp_id = reg.experiment_id(cl, GATE_EXPERIMENT)
-        run = cl.create_run(exp_id, run_name=f"gate-{job.name}-v{job.version}", tags={
-            RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: job.name,
-            RUN_TAG_VERSION: job.version, reg.TAG_PARENT: inputs.parent.resolved_uri,
-            reg.TAG_POLICY: pol.name})
-        run_id = run.info.run_id
-        result.run_id, result.run_url = run_id, reg.run_url(job.tracking_uri, exp_id, run_id)
+        run_id = adopt_run(cl, job.job_key, job.name, job.version)
+        if run_id is None:
+            run = cl.create_run(exp_id, run_name=f"gate-{job.name}-v{job.version}", tags={
+                RUN_TAG_KIND: RUN_KIND_GATE, RUN_TAG_MODEL: job.name,
+                RUN_TAG_VERSION: job.version, reg.TAG_PARENT: inputs.parent.resolved_uri,
+                reg.TAG_POLICY: pol.name, TAG_JOB_KEY: job.job_key})
+            run_id = run.info.run_id
+        result.run_id = run_id
+        result.run_url = reg.run_url(redact_uri(job.tracking_uri), exp_id, run_id)
         _log_params_and_metrics(job, run_id, _gate_params(job, inputs, hessians, protection),
                                 evaluation.metrics)
         _log_reports(job, run_id, protection, evaluation)
@@ -428,6 +505,11 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
 
     pol, parent, engine = job.policy, inputs.parent, protection.engine
     with job.pg.step("registering the protected model"):
+        adopted = adopt_protected(job.cl, job.job_key, job.name, job.version, run_id)
+        if adopted is not None:
+            reg.set_tags(job.cl, job.name, adopted,
+                         {reg.TAG_VERDICT: evaluation.verdict.verdict})
+            return adopted
         model_dir = job.work / "protected_mlflow_model"
         flavor.save_model(str(protection.out), model_dir, parent=parent.resolved_uri,
                           parent_fingerprint=engine.inputs.get("aligned_fingerprint")
@@ -444,7 +526,7 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                   reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{protection.s:g}",
                   reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: job.policy_sha,
                   reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict,
-                  **_governance_tags(job)})
+                  TAG_JOB_KEY: job.job_key, **_governance_tags(job)})
     return str(pv.version)
 
 
@@ -467,8 +549,7 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
     job.cl.set_tag(run_id, TAG_VERDICT, verdict.verdict)
     job.cl.set_tag(run_id, reg.TAG_PROTECTED_VERSION, protected_version)
     reg.set_tags(job.cl, job.name, job.version, {
-        reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason,
-        reg.TAG_POLICY: job.policy.name, reg.TAG_POLICY_SHA256: job.policy_sha,
+        reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason, **_policy_tags(job),
         reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
         reg.TAG_S: f"{protection.s:g}",
         reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}", **_governance_tags(job)})
@@ -480,18 +561,22 @@ def promote_version(job: GateJob, alias: str, protected_version: str) -> None:
 
 
 def record_error(cl: Any, name: str, version: str, exc: Exception, result: GateResult,
-                 run_id: str | None, protected_version: str | None) -> GateResult:
+                 run_id: str | None, protected_version: str | None,
+                 job_key: str | None = None) -> GateResult:
     """Any exception: ``status=error`` (``pending`` when transient: the caller re-raises and the
-    queue retries) with the reason, the run marked FAILED, the protected version's verdict
-    ``error``, no alias moved."""
-    reason = error_reason(exc)
+    queue retries) with the reason, the run marked FAILED (and a dead attempt's run of the same
+    job too), the protected version's verdict ``error``, no alias moved."""
+    reason = redact_text(error_reason(exc))
     _logger.error("gate of %s v%s: error: %s", name, version, reason)
     transient = _is_transient(exc)
     try:
         if run_id:
             cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
-            cl.set_tag(run_id, RUN_TAG_ERROR, reason[:4000])
-            cl.set_terminated(run_id, "FAILED")
+            terminate_run(cl, run_id, "FAILED", reason)
+        if job_key and not transient:
+            close_dead_runs(cl, job_key, status="FAILED",
+                            reason=f"a dead attempt of this gate job; the job ended in error: "
+                                   f"{reason}")
         if protected_version:
             reg.set_tags(cl, name, protected_version, {reg.TAG_VERDICT: STATUS_ERROR})
         reg.set_tags(cl, name, version, {
@@ -513,8 +598,9 @@ def _gate_params(job: GateJob, inputs: Inputs, hessians: Any, protection: Protec
     pol = job.policy
     return {"model": job.name, "version": job.version, "parent": inputs.parent.resolved_uri,
             "parent_source": inputs.parent.source, "policy": pol.name,
-            "policy_source": pol.source, "s": protection.s, "s_mode": pol.select_s.mode,
-            "budget": pol.select_s.budget, "judge": pol.safety.judge_spec,
+            "policy_source": redact_uri(pol.source), "s": protection.s,
+            "s_mode": pol.select_s.mode, "budget": pol.select_s.budget,
+            "judge": pol.safety.judge_spec,
             "suites": ",".join(pol.safety.suites), "limit": pol.evaluation.limit,
             "max_new_tokens": pol.evaluation.max_new_tokens,
             "finetuned_kind": inputs.ft_kind, "finetuned_flavor": inputs.ft_flavor,
@@ -527,9 +613,12 @@ def _log_params_and_metrics(job: GateJob, run_id: str, params: dict,
     from mlflow.entities import Metric, Param
 
     ts = int(time.time() * 1000)
-    job.cl.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric(f"{role}.{k}", v, ts, 0) for role, m in metrics.items()
-                              for k, v in m.items() if v is not None])
+    logged = job.cl.get_run(run_id).data  # an adopted run keeps what its dead attempt logged
+    job.cl.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()
+                                     if k not in logged.params],
+                     metrics=[] if logged.metrics else
+                     [Metric(f"{role}.{k}", v, ts, 0) for role, m in metrics.items()
+                      for k, v in m.items() if v is not None])
 
 
 def _log_reports(job: GateJob, run_id: str, protection: Protection,

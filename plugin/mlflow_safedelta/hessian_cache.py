@@ -8,11 +8,13 @@ rebuilding.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.errors import GateJobError
@@ -30,13 +32,41 @@ def ensure_hessians(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, *,
                     progress: bool = True, experiment: str = HESSIAN_EXPERIMENT) -> Any:
     """The parent's Hessian cache: downloaded when another machine attached it to the parent
     version (tag ``safedelta.hessian_run``), else built and attached (logged as artifacts of a
-    run tagged with the parent, whose id goes to the parent version's tags)."""
-    from mlflow.artifacts import download_artifacts
+    run tagged with the parent, whose id goes to the parent version's tags).
 
+    Single-flight per parent: workers sharing the cache directory take a file lock on the parent
+    first, so one builds while the others wait and then reuse what it built (the registry tags
+    are read again after the lock). The cache run is idempotent under its key: a run a dead
+    worker left RUNNING for the same parent and key is adopted and finished, never doubled."""
     from safedelta.fingerprint import default_cache_dir
-    from safedelta.hessian import prepare_hessians
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    with _parent_lock(root, parent):
+        return _ensure_locked(cl, parent, parent_dir, root, device, progress, experiment)
+
+
+@contextmanager
+def _parent_lock(root: Path, parent: "reg.ParentInfo") -> Iterator[None]:
+    import fcntl
+
+    locks = root / "hessians" / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(parent.resolved_uri.encode()).hexdigest()[:24]
+    with open(locks / f"{name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ensure_locked(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, root: Path,
+                   device: str | None, progress: bool, experiment: str) -> Any:
+    from mlflow.artifacts import download_artifacts
+
+    from safedelta.hessian import prepare_hessians
+    from safedelta.pipeline import resolve_device
+
     ptags = reg.version_tags(cl, parent.name, parent.version)
     run_id, key = ptags.get(reg.TAG_HESSIAN_RUN), ptags.get(reg.TAG_HESSIAN_KEY)
     if run_id and key and not (root / "hessians" / key / "manifest.json").exists():
@@ -48,23 +78,32 @@ def ensure_hessians(cl: Any, parent: "reg.ParentInfo", parent_dir: Path, *,
             _logger.info("Hessian cache %s downloaded from run %s", key, run_id)
         except Exception as exc:  # rebuilding is only slower
             _logger.warning("could not download the parent's Hessian cache (%s); rebuilding", exc)
-    from safedelta.pipeline import resolve_device
-
     hs = prepare_hessians(parent_dir, cache_dir=root, device=resolve_device(device),
                           progress=progress)
     if ptags.get(reg.TAG_HESSIAN_KEY) != hs.fingerprint or not run_id:
-        exp = reg.experiment_id(cl, experiment)
-        run = cl.create_run(exp, run_name=f"hessians-{parent.name}-v{parent.version}",
-                            tags={RUN_TAG_KIND: RUN_KIND_HESSIAN_CACHE,
-                                  reg.TAG_PARENT: parent.resolved_uri,
-                                  reg.TAG_HESSIAN_KEY: hs.fingerprint})
-        cl.log_artifacts(run.info.run_id, str(hs.cache_path), f"hessians/{hs.fingerprint}")
-        cl.set_terminated(run.info.run_id, "FINISHED")
+        run_id = _cache_run(cl, parent, hs.fingerprint, experiment)
+        cl.log_artifacts(run_id, str(hs.cache_path), f"hessians/{hs.fingerprint}")
+        from mlflow_safedelta.recovery import terminate_run
+
+        terminate_run(cl, run_id, "FINISHED")
         reg.set_tags(cl, parent.name, parent.version,
-                     {reg.TAG_HESSIAN_RUN: run.info.run_id, reg.TAG_HESSIAN_KEY: hs.fingerprint})
+                     {reg.TAG_HESSIAN_RUN: run_id, reg.TAG_HESSIAN_KEY: hs.fingerprint})
     return hs
 
 
+def _cache_run(cl: Any, parent: "reg.ParentInfo", key: str, experiment: str) -> str:
+    """The cache run for (parent, key): one a dead worker left RUNNING is adopted, else new."""
+    exp = reg.experiment_id(cl, experiment)
+    for run in cl.search_runs([exp], filter_string=f"tags.`{reg.TAG_HESSIAN_KEY}` = '{key}' "
+                                                   "and attributes.status = 'RUNNING'",
+                              max_results=50):
+        if run.data.tags.get(reg.TAG_PARENT) == parent.resolved_uri:
+            _logger.warning("adopting Hessian cache run %s of a dead worker", run.info.run_id)
+            return run.info.run_id
+    return cl.create_run(exp, run_name=f"hessians-{parent.name}-v{parent.version}",
+                         tags={RUN_TAG_KIND: RUN_KIND_HESSIAN_CACHE,
+                               reg.TAG_PARENT: parent.resolved_uri,
+                               reg.TAG_HESSIAN_KEY: key}).info.run_id
 
 
 def prepare_parent(parent_uri: str, *, tracking_uri: str | None = None,

@@ -78,6 +78,11 @@ class Job:
     result: str | None
     updated_at: float
     force: bool = False
+    #: the registered version's creation timestamp (ms): with name and number, its identity for
+    #: good (MLflow never reuses it); None for rows enqueued before it was recorded
+    version_created: str | None = None
+    #: the policy content resolved at enqueue (``policy.policy_snapshot``); None = not yet
+    policy: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -141,11 +146,67 @@ def _create_tables(eng) -> None:
     for attempt in range(3):  # several processes may race to create them
         try:
             _tables()[0].create_all(eng, checkfirst=True)
+            _migrate(eng)
             return
         except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError):
             if attempt == 2:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+#: columns added after the first release: (name, SQL type); existing rows get NULL, which the
+#: queue reads as "not recorded yet" (identity inferred from times, policy resolved at claim)
+_ADDED_COLUMNS = (("version_created", "VARCHAR(32)"), ("policy", "TEXT"))
+
+
+def _migrate(eng) -> None:
+    """Add the columns a queue database made by an older release lacks (idempotent)."""
+    import sqlalchemy as sa
+
+    have = {c["name"] for c in sa.inspect(eng).get_columns("safedelta_jobs")}
+    for name, sql_type in _ADDED_COLUMNS:
+        if name in have:
+            continue
+        try:
+            with eng.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE safedelta_jobs ADD COLUMN {name} {sql_type}"))
+            _logger.info("queue schema: added column safedelta_jobs.%s", name)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # added concurrently
+            if name not in {c["name"] for c in sa.inspect(eng).get_columns("safedelta_jobs")}:
+                raise
+
+
+#: longest key parts the queue stores (MLflow's own limits on names; versions are numbers)
+MAX_NAME, MAX_VERSION = 256, 64
+
+
+class InvalidJob(ValueError):
+    """A job key the queue cannot hold (bad input: callers answer 4xx / exit 2)."""
+
+
+def check_key(model_name: Any, version: Any) -> tuple[str, str]:
+    """``(name, version)`` as the queue stores them, or :class:`InvalidJob` saying why."""
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise InvalidJob("model name must be a non-empty string")
+    if len(model_name) > MAX_NAME:
+        raise InvalidJob(f"model name longer than {MAX_NAME} characters")
+    if isinstance(version, bool) or not isinstance(version, (str, int)):
+        raise InvalidJob(f"version must be a number, got {type(version).__name__}")
+    version = str(version).strip()
+    if not version.isdigit() or len(version) > MAX_VERSION:
+        raise InvalidJob(f"version must be a positive integer, got {version[:20]!r}")
+    return model_name, version
+
+
+def _is_stale(row: Any, created: str | None) -> bool:
+    """Whether an existing row belongs to an EARLIER registered version of the same name and
+    number (the model was deleted and created again): its recorded creation time differs, or,
+    for a row from before it was recorded, it was enqueued before this version existed."""
+    if not created:
+        return False
+    if row["version_created"]:
+        return str(row["version_created"]) != str(created)
+    return row["state"] in (DONE, FAILED) and float(row["enqueued_at"]) < int(created) / 1000.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,6 +230,8 @@ def _tables():
         sa.Column("result", sa.Text, nullable=True),
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.Column("force", sa.Boolean, nullable=False, default=False),
+        sa.Column("version_created", sa.String(32), nullable=True),
+        sa.Column("policy", sa.Text, nullable=True),
     )
     deliveries = sa.Table(
         "safedelta_deliveries", md,
@@ -219,11 +282,27 @@ class JobQueue:
 
     # -- producers ----------------------------------------------------------------------------
 
-    def enqueue(self, model_name: str, version: str | int, *, source: str) -> tuple[Job, bool]:
-        """Record a gate job for (model, version) unless one exists. Returns (job, created)."""
+    def enqueue(self, model_name: str, version: str | int, *, source: str,
+                created: Any = None, policy: str | None = None,
+                reopen: bool = False) -> tuple[Job, bool]:
+        """Record a gate job for (model, version) unless one exists. Returns (job, created).
+
+        Args:
+            created: the version's creation timestamp (ms), when known: a row of an earlier
+                version with the same name and number (a re-created model) is replaced by a
+                fresh job for this one.
+            policy: the policy content the job gates with (``policy.policy_snapshot``).
+            reopen: re-queue a finished row (``done``/``failed``) for this version too (the
+                reconcile sweep: the version is still without a verdict).
+
+        Raises:
+            InvalidJob: a name or version the queue cannot hold.
+        """
+        model_name, version = check_key(model_name, version)
+        created = str(created) if created not in (None, "") else None
         with self.engine.begin() as conn:
-            created = self._insert_job(conn, model_name, str(version), source)
-        return self.get(model_name, version), created
+            made = self._insert_job(conn, model_name, version, source, created, policy, reopen)
+        return self.get(model_name, version), made
 
     def record_delivery(self, delivery_id: str, event: str | None,
                         job: tuple[str, str, str] | None = None) -> bool:
@@ -239,32 +318,45 @@ class JobQueue:
                 conn.execute(self.deliveries.insert().values(
                     delivery_id=delivery_id, received_at=self.clock(), event=event))
                 if job is not None:
-                    self._insert_job(conn, job[0], str(job[1]), job[2])
+                    name, version = check_key(job[0], job[1])
+                    self._insert_job(conn, name, version, job[2])
         except sa.exc.IntegrityError:
             return False
         return True
 
-    def _insert_job(self, conn, model_name: str, version: str, source: str) -> bool:
+    def _insert_job(self, conn, model_name: str, version: str, source: str,
+                    created: str | None = None, policy: str | None = None,
+                    reopen: bool = False) -> bool:
         import sqlalchemy as sa
 
         now = self.clock()
+        j = self.jobs
         row = dict(model_name=model_name, version=version, state=QUEUED, source=source,
-                   attempts=0, enqueued_at=now, next_run_at=now, updated_at=now, force=False)
+                   attempts=0, enqueued_at=now, next_run_at=now, updated_at=now, force=False,
+                   version_created=created, policy=policy)
         dialect = conn.dialect.name
         if dialect in ("sqlite", "postgresql"):
             if dialect == "sqlite":
                 from sqlalchemy.dialects.sqlite import insert
             else:
                 from sqlalchemy.dialects.postgresql import insert
-            stmt = insert(self.jobs).values(**row).on_conflict_do_nothing(
+            stmt = insert(j).values(**row).on_conflict_do_nothing(
                 index_elements=["model_name", "version"])
-            return conn.execute(stmt).rowcount == 1
-        exists = conn.execute(sa.select(self.jobs.c.state).where(
-            self.jobs.c.model_name == model_name, self.jobs.c.version == version)).first()
-        if exists:
-            return False
-        conn.execute(self.jobs.insert().values(**row))
-        return True
+            if conn.execute(stmt).rowcount == 1:
+                return True
+        key = (j.c.model_name == model_name, j.c.version == version)
+        old = conn.execute(sa.select(j).where(*key)).mappings().first()
+        if old is None:
+            conn.execute(j.insert().values(**row))
+            return True
+        if _is_stale(old, created) or (reopen and old["state"] in (DONE, FAILED)):
+            _logger.info("%s v%s: a new job replaces the %s one of %s", model_name, version,
+                         old["state"], "an earlier version of that number"
+                         if _is_stale(old, created) else "this version")
+            conn.execute(j.update().where(*key).values(
+                **row, token=None, lease_until=None, last_error=None, result=None))
+            return True
+        return False
 
     # -- consumers ----------------------------------------------------------------------------
 
@@ -295,6 +387,16 @@ class JobQueue:
                                     name, version)
                 return self.get(name, version)
         return None
+
+    def pin(self, job: Job, *, created: Any = None, policy: str | None = None) -> bool:
+        """Record what a claimed job did not know yet (its version's creation time, the policy
+        content it gates with); values already recorded are kept. False if the claim was lost."""
+        values = {}
+        if created not in (None, "") and not job.version_created:
+            values["version_created"] = str(created)
+        if policy and not job.policy:
+            values["policy"] = policy
+        return self._update_claimed(job, **values) if values else True
 
     def heartbeat(self, job: Job) -> bool:
         """Extend the lease of a claimed job. False if the claim was lost."""
@@ -360,45 +462,76 @@ class JobQueue:
             return [Job(**r) for r in conn.execute(q).mappings().all()]
 
     def retry(self, model_name: str, version: str | int) -> bool:
-        """Re-queue a *failed* job now with fresh attempts (operator action); the worker then runs
-        the gate with ``force=True``, past the ``error`` status it recorded. False if the job is
-        unknown or not failed."""
+        """Re-queue a *failed* (or skipped) job now with fresh attempts (operator action); the
+        worker then runs the gate with ``force=True``, past the ``error`` status it recorded.
+        False if the job is unknown, still live, or done with a verdict."""
+        import sqlalchemy as sa
+
         j = self.jobs
         now = self.clock()
         with self.engine.begin() as conn:
             return conn.execute(j.update().where(
-                j.c.model_name == model_name, j.c.version == str(version), j.c.state == FAILED
+                j.c.model_name == model_name, j.c.version == str(version),
+                sa.or_(j.c.state == FAILED, sa.and_(j.c.state == DONE,
+                                                    j.c.result.like("skipped:%")))
             ).values(state=QUEUED, attempts=0, next_run_at=now, token=None, lease_until=None,
                      force=True, updated_at=now)).rowcount == 1
 
-    def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Which of these (model, version) keys already have a job."""
+    def known(self, keys: Iterable[tuple], live_only: bool = False) -> set[tuple[str, str]]:
+        """Which of these keys already have a job: ``(model, version)`` or ``(model, version,
+        created)`` (then a row of an earlier version of that number does not count). With
+        ``live_only``, a ``done``/``failed`` row does not count either."""
         import sqlalchemy as sa
 
-        keys = [(m, str(v)) for m, v in keys]
+        keys = [(k[0], str(k[1]), k[2] if len(k) > 2 else None) for k in keys]
         if not keys:
             return set()
         j = self.jobs
-        names = sorted({m for m, _ in keys})
+        names = sorted({m for m, _, _ in keys})
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(j.c.model_name, j.c.version)
-                                .where(j.c.model_name.in_(names))).all()
-        have = {(m, v) for m, v in rows}
-        return {k for k in keys if k in have}
+            rows = conn.execute(sa.select(j).where(j.c.model_name.in_(names))).mappings().all()
+        return _known(keys, {(r["model_name"], r["version"]): r for r in rows}, live_only)
+
+
+def _known(keys, rows: dict, live_only: bool) -> set[tuple[str, str]]:
+    out = set()
+    for m, v, created in keys:
+        row = rows.get((m, v))
+        if row is None or _is_stale(row, str(created) if created else None):
+            continue
+        if live_only and row["state"] in (DONE, FAILED):
+            continue
+        out.add((m, v))
+    return out
 
 
 # -- Redis ------------------------------------------------------------------------------------
 
 _R_ENQUEUE = """
--- KEYS: job, due, index, delivery ('' = none); ARGV: member, now, model, version, source,
--- with_job (1/0), delivery_ttl
+-- KEYS: job, due, index, delivery ('' = none), leases; ARGV: member, now, model, version,
+-- source, with_job (1/0), delivery_ttl, created ('' = unknown), policy, reopen (1/0)
 if KEYS[4] ~= '' then
   if not redis.call('SET', KEYS[4], ARGV[2], 'NX', 'EX', ARGV[7]) then return -1 end
 end
-if ARGV[6] ~= '1' or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[6] ~= '1' then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local old = redis.call('HGET', KEYS[1], 'version_created')
+  local state = redis.call('HGET', KEYS[1], 'state')
+  local stale = false
+  if ARGV[8] ~= '' then
+    if old and old ~= '' then stale = (old ~= ARGV[8])
+    else stale = (state == 'done' or state == 'failed')
+      and tonumber(redis.call('HGET', KEYS[1], 'enqueued_at')) < tonumber(ARGV[8]) / 1000 end
+  end
+  if not stale and not (ARGV[10] == '1' and (state == 'done' or state == 'failed')) then
+    return 0
+  end
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[1])
+end
 redis.call('HSET', KEYS[1], 'model_name', ARGV[3], 'version', ARGV[4], 'state', 'queued',
            'source', ARGV[5], 'attempts', 0, 'enqueued_at', ARGV[2], 'next_run_at', ARGV[2],
-           'updated_at', ARGV[2], 'force', 0)
+           'updated_at', ARGV[2], 'force', 0, 'version_created', ARGV[8], 'policy', ARGV[9])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
@@ -448,7 +581,11 @@ return 1
 
 _R_RETRY = """
 -- KEYS: job, due; ARGV: member, now
-if redis.call('HGET', KEYS[1], 'state') ~= 'failed' then return 0 end
+local st = redis.call('HGET', KEYS[1], 'state')
+local res = redis.call('HGET', KEYS[1], 'result') or ''
+if st ~= 'failed' and not (st == 'done' and string.sub(res, 1, 8) == 'skipped:') then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'next_run_at', ARGV[2],
            'force', 1, 'updated_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'token', 'lease_until')
@@ -495,23 +632,44 @@ class RedisJobQueue(JobQueue):
     def _job_key(self, member: str) -> str:
         return f"{self.prefix}job:{member}"
 
-    def _add(self, model_name, version, source, delivery_id=None, with_job=True) -> int:
+    def _add(self, model_name, version, source, delivery_id=None, with_job=True,
+             created=None, policy=None, reopen=False) -> int:
         member = self._member(model_name or "", version or "")
         delivery = f"{self.prefix}delivery:{delivery_id}" if delivery_id else ""
         return int(self._enqueue(
-            keys=[self._job_key(member), self._due, self._index, delivery],
+            keys=[self._job_key(member), self._due, self._index, delivery, self._leases],
             args=[member, repr(self.clock()), model_name or "", str(version or ""), source or "",
-                  "1" if with_job else "0", self.delivery_ttl]))
+                  "1" if with_job else "0", self.delivery_ttl,
+                  str(created) if created not in (None, "") else "", policy or "",
+                  "1" if reopen else "0"]))
 
-    def enqueue(self, model_name: str, version: str | int, *, source: str) -> tuple[Job, bool]:
-        created = self._add(model_name, str(version), source) == 1
-        return self.get(model_name, version), created
+    def enqueue(self, model_name: str, version: str | int, *, source: str,
+                created: Any = None, policy: str | None = None,
+                reopen: bool = False) -> tuple[Job, bool]:
+        model_name, version = check_key(model_name, version)
+        made = self._add(model_name, version, source, created=created, policy=policy,
+                         reopen=reopen) == 1
+        return self.get(model_name, version), made
 
     def record_delivery(self, delivery_id: str, event: str | None,
                         job: tuple[str, str, str] | None = None) -> bool:
         if job is None:
             return self._add(None, None, None, delivery_id, with_job=False) != -1
-        return self._add(job[0], str(job[1]), job[2], delivery_id) != -1
+        name, version = check_key(job[0], job[1])
+        return self._add(name, version, job[2], delivery_id) != -1
+
+    def pin(self, job: Job, *, created: Any = None, policy: str | None = None) -> bool:
+        key = self._job_key(self._member(job.model_name, job.version))
+        if self.redis.hget(key, "token") != job.token:
+            return False
+        values = {}
+        if created not in (None, "") and not job.version_created:
+            values["version_created"] = str(created)
+        if policy and not job.policy:
+            values["policy"] = policy
+        if values:
+            self.redis.hset(key, mapping=values)
+        return True
 
     def claim(self, *, limit_scan: int = 20) -> Job | None:
         now = self.clock()
@@ -562,7 +720,9 @@ class RedisJobQueue(JobQueue):
                    enqueued_at=float(h["enqueued_at"]), next_run_at=float(h["next_run_at"]),
                    lease_until=num("lease_until"), token=h.get("token") or None,
                    last_error=h.get("last_error"), result=h.get("result"),
-                   updated_at=float(h["updated_at"]), force=h.get("force") == "1")
+                   updated_at=float(h["updated_at"]), force=h.get("force") == "1",
+                   version_created=h.get("version_created") or None,
+                   policy=h.get("policy") or None)
 
     def list(self, state: str | None = None, model_name: str | None = None,
              limit: int = 100) -> list[Job]:
@@ -585,9 +745,12 @@ class RedisJobQueue(JobQueue):
         return self._retry(keys=[self._job_key(member), self._due],
                            args=[member, repr(self.clock())]) == 1
 
-    def known(self, keys: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
-        keys = [(m, str(v)) for m, v in keys]
+    def known(self, keys: Iterable[tuple], live_only: bool = False) -> set[tuple[str, str]]:
+        keys = [(k[0], str(k[1]), k[2] if len(k) > 2 else None) for k in keys]
+        fields = ("state", "version_created", "enqueued_at")
         pipe = self.redis.pipeline()
-        for m, v in keys:
-            pipe.exists(self._job_key(self._member(m, v)))
-        return {k for k, there in zip(keys, pipe.execute()) if there}
+        for m, v, _ in keys:
+            pipe.hmget(self._job_key(self._member(m, v)), fields)
+        rows = {(m, v): dict(zip(fields, vals)) for (m, v, _), vals in zip(keys, pipe.execute())
+                if vals[0] is not None}
+        return _known(keys, rows, live_only)

@@ -305,3 +305,55 @@ def policy_to_yaml(policy: Policy) -> str:
     import yaml
 
     return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+
+
+def policy_for_version(model_name: str, tags: "dict[str, str] | None") -> Policy:
+    """THE rule for which policy gates a registered version (one function, so the rule can be
+    replaced in one place): the version's ``safedelta.policy`` tag (a shipped name or a file on
+    the machine that resolves it), else ``default``. Under a governance file (issue 11) the
+    platform's binding decides instead: :func:`mlflow_safedelta.governance.resolve_policy` (a
+    tag may only name a stricter-or-equal policy where the binding allows it).
+
+    Callers resolve it once, when a job is enqueued or first run, and keep the content
+    (:func:`policy_snapshot`): retries and takeovers gate with that snapshot, never re-read a
+    name or a path.
+    """
+    from mlflow_safedelta import governance
+    from mlflow_safedelta.vocab import TAG_POLICY
+
+    gov = governance.current()
+    if gov is not None:
+        return governance.resolve_policy(model_name, dict(tags or {}), requested=None, gov=gov)[0]
+    return load_policy((tags or {}).get(TAG_POLICY) or "default")
+
+
+def policy_snapshot(policy: Policy) -> str:
+    """The policy's content as canonical JSON (what a job stores; :func:`policy_from_snapshot`
+    reads it back with the same :func:`policy_fingerprint`)."""
+    import json
+
+    return json.dumps({"source": policy.source, "policy": policy.model_dump(mode="json")},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def policy_from_snapshot(text: str) -> Policy:
+    """The :class:`Policy` a job stored with :func:`policy_snapshot`."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise PolicyError(f"stored policy snapshot is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("policy"), dict):
+        raise PolicyError("stored policy snapshot has no 'policy' mapping")
+    return parse_policy(data["policy"], str(data.get("source") or "<snapshot>"))
+
+
+def snapshot_for_version(model_name: str, tags: "dict[str, str] | None") -> str | None:
+    """:func:`policy_snapshot` of :func:`policy_for_version`, or None when it cannot be resolved
+    here (a policy file on the workers' machines, not the server's): the worker resolves and
+    stores it at the job's first claim instead."""
+    try:
+        return policy_snapshot(policy_for_version(model_name, tags))
+    except Exception:  # noqa: BLE001 - resolved later, by the worker
+        return None

@@ -3,7 +3,8 @@
 Webhook deliveries are fire-and-forget (never redelivered after a restart), direct-database
 clients bypass both webhooks and a server-side store plugin, and the queue may have been down.
 The sweep pages through the registry and enqueues every version that has no ``safedelta.status``
-(or is still ``pending``), is not a protected output of the gate, and has no job yet. Versions with
+(or is still ``pending``), is not a protected output of the gate, and has no live job (none yet,
+a finished one that left no verdict, or one of an earlier version with the same number). Versions with
 a ``safedelta.parent`` tag are gated; the worker checks the others' MLmodel for a ``safedelta``
 flavor and records a skip, so each version is looked at once. Enqueueing is idempotent, so the
 sweep can run as often as wanted, beside the other routes.
@@ -51,14 +52,17 @@ def reconcile(queue: JobQueue, *, tracking_uri: str | None = None,
             report.scanned += 1
             if gate_decision(mv.tags)[0] in (SKIP, RECORDED):
                 continue
-            todo.append((mv.name, str(mv.version)))
-        known = queue.known(todo)
-        for key in todo:
-            if key in known:
+            todo.append((mv.name, str(mv.version), mv.creation_timestamp))
+        # a version still without a verdict whose job is finished (or belongs to an earlier
+        # version of that number: the model was created again) gets a fresh job
+        known = queue.known(todo, live_only=True)
+        for name, version, created_ts in todo:
+            if (name, version) in known:
                 continue
-            _, created = queue.enqueue(*key, source="reconcile")
+            _, created = queue.enqueue(name, version, source="reconcile", created=created_ts,
+                                       reopen=True)
             if created:
-                report.enqueued.append(key)
+                report.enqueued.append((name, version))
         token = page.token
         if not token:
             break

@@ -109,6 +109,28 @@ def reuse_recorded(cl: Any, name: str, version: str, tags: dict[str, str],
 
 
 
+def recorded_policy(cl: Any, tags: dict[str, str]) -> Policy | None:
+    """The policy content a version was last gated with (``safedelta/validation.json`` of its
+    recorded run), so ``--force`` gates again under that snapshot, never a name or a path that
+    may have changed or gone; None when nothing is recorded."""
+    run_id = tags.get(reg.TAG_RUN_ID)
+    if not run_id:
+        return None
+    from mlflow_safedelta.policy import parse_policy
+
+    try:
+        from mlflow.artifacts import download_artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            p = download_artifacts(run_id=run_id, artifact_path="safedelta/validation.json",
+                                   dst_path=tmp, tracking_uri=cl._tracking_client.tracking_uri)
+            data = json.loads(Path(p).read_text())
+        return parse_policy(data["policy"], tags.get(reg.TAG_POLICY) or "<recorded>")
+    except Exception as exc:  # noqa: BLE001 - nothing usable recorded: the version's rule
+        _logger.info("no recorded policy for run %s (%s)", run_id, exc)
+        return None
+
+
 def stored_gate(model_name: str, version: str, *, tracking_uri: str | None = None,
                 registry_uri: str | None = None) -> GateResult:
     """The gate result recorded for a version (``report`` command)."""

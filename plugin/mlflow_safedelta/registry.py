@@ -165,13 +165,14 @@ def download_version(cl: Any, name: str, version: str, dst: str | Path):
     """
     from mlflow.artifacts import download_artifacts
 
-    from mlflow_safedelta.flavor.model_io import locate_weights
+    from mlflow_safedelta.flavor.model_io import confine_tree, locate_weights
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     uri = cl.get_model_version_download_uri(name, version)
     local = download_artifacts(artifact_uri=uri, dst_path=str(dst),
                                tracking_uri=cl._tracking_client.tracking_uri)
+    confine_tree(local)  # what a registrant wrote must stay inside what was downloaded
     return locate_weights(local)
 
 

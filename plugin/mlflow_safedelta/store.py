@@ -36,6 +36,7 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
 from mlflow_safedelta import governance, guard
 from mlflow_safedelta.jobqueue import JobQueue, driver_url
+from mlflow_safedelta.policy import snapshot_for_version
 from mlflow_safedelta.vocab import (
     GATE,
     RECORDED,
@@ -134,7 +135,8 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
         if decision == GATE:
             super().set_model_version_tag(mv.name, mv.version, _tag(TAG_STATUS, STATUS_PENDING))
             mv.tags[TAG_STATUS] = STATUS_PENDING
-        self.queue.enqueue(mv.name, mv.version, source="store")
+        self.queue.enqueue(mv.name, mv.version, source="store", created=mv.creation_timestamp,
+                           policy=snapshot_for_version(mv.name, mv.tags))
 
 
 def _governance():

@@ -10,7 +10,8 @@ Model-version tags (the gate state lives in them):
 ============================  ===============================================================
 ``safedelta.parent``          the aligned parent (``models:/name/version`` or ``models:/name@alias``)
 ``safedelta.status``          ``pending`` | ``running`` | ``passed`` | ``failed`` | ``error`` on a
-                              fine-tune; ``protected-output`` on a version the gate registered
+                              fine-tune; ``skipped`` (no parent anywhere; reason says why);
+                              ``protected-output`` on a version the gate registered
 ``safedelta.reason``          one line: why that status
 ``safedelta.role``            ``protected`` on the gate's own output (never gated itself)
 ``safedelta.policy``          policy name the version is (to be) gated with
@@ -32,6 +33,8 @@ Model-version tags (the gate state lives in them):
 ``safedelta.signature``       the gate's signed statement over this version's state tags
 ``safedelta.override``        a platform admin's signed break-glass statement (alias, who, why)
 ``safedelta.incident``        the last guarded-alias violation detected on this version
+``safedelta.job_key``         on a gate run and a protected version: the gate job that made it
+                              (a takeover adopts what carries its key instead of making it again)
 ============================  ===============================================================
 
 State tags (:data:`STATE_TAGS`) are written by the gate only: under governance the store refuses
@@ -77,6 +80,7 @@ STATE_TAGS = frozenset({
 #: tags that carry their own signature (verified on write), and the incident log (admin/receiver)
 SIGNED_TAGS = frozenset({TAG_SIGNATURE, TAG_OVERRIDE})
 GOVERNANCE_ENFORCED, GOVERNANCE_UNENFORCED = "enforced", "unenforced"
+TAG_JOB_KEY = "safedelta.job_key"
 
 # -- run tags (gate and Hessian-cache runs) ----------------------------------------------------
 RUN_TAG_KIND = "safedelta.kind"
@@ -95,6 +99,8 @@ STATUS_PASSED = "passed"
 STATUS_FAILED = "failed"
 STATUS_ERROR = "error"
 STATUS_PROTECTED_OUTPUT = "protected-output"
+#: a version the gate looked at and cannot decide on (no parent anywhere): visible, with a reason
+STATUS_SKIPPED = "skipped"
 #: statuses that end a gate; the verdicts a gate can reach
 FINAL_STATUSES = (STATUS_PASSED, STATUS_FAILED, STATUS_ERROR)
 VERDICTS = FINAL_STATUSES
@@ -174,6 +180,11 @@ ENV_NO_MLFLOW_CLI_HOOK = "SAFEDELTA_NO_MLFLOW_CLI_HOOK"
 ENV_GOVERNANCE = "SAFEDELTA_GOVERNANCE"          # the platform's governance file (YAML)
 ENV_SIGNING_KEY = "SAFEDELTA_SIGNING_KEY"        # gate workers: Ed25519 private key (PEM file)
 ENV_ADMIN_KEY = "SAFEDELTA_ADMIN_KEY"            # platform admins: Ed25519 private key (PEM file)
+#: TEST-ONLY fault injection: the gate job SIGKILLs its own process right after the named step
+#: boundary (``recovery.FAULT_POINTS``); never set it in production
+ENV_FAULT_AFTER = "SAFEDELTA_FAULT_AFTER"
+#: seconds the webhook receiver waits for a request body before answering 408
+ENV_BODY_TIMEOUT = "SAFEDELTA_BODY_TIMEOUT"
 
 
 # -- does this version need a gate? ------------------------------------------------------------
@@ -205,13 +216,19 @@ def flavor_parent(flavors: dict | None) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def gate_decision(tags, flavors: dict | None = None, *,
+def gate_decision(tags, flavors: dict | None = None, run_tags: dict | None = None, *,
                   state_trusted: bool = True) -> tuple[str, str]:
     """The one place that decides whether a registered version needs a gate.
+
+    A parent may be named in three places (the README's rule), looked at in this order: the
+    version's ``safedelta.parent`` tag, the ``safedelta`` flavor of its MLmodel, the
+    ``safedelta.parent`` tag of the run that logged it.
 
     Args:
         tags: the version's tags (dict or list of tag objects).
         flavors: the ``flavors`` table of its MLmodel, when known; ``None`` = not read yet.
+        run_tags: the tags of the version's run, when known (``{}`` = it has no run);
+            ``None`` = not read yet.
         state_trusted: False when the state tags (``status``, ``role``) are not vouched for by
             a verified gate signature (governance on, and the version's statement missing or
             invalid): they are then ignored, so pre-set or forged state never skips the gate.
@@ -220,8 +237,8 @@ def gate_decision(tags, flavors: dict | None = None, *,
         ``(decision, why)`` with decision :data:`GATE` (gate it), :data:`RECORDED` (a final status is
         recorded: nothing to enqueue; a job that runs anyway reuses or re-checks it),
         :data:`SKIP` (never: the gate's own protected output, or no parent anywhere) or
-        :data:`CHECK` (the tags alone do not tell and ``flavors`` is unknown: read the MLmodel
-        and ask again). Routes that only enqueue treat RECORDED like SKIP.
+        :data:`CHECK` (what is known does not tell: read the MLmodel and the run's tags, and
+        ask again). Routes that only enqueue treat RECORDED like SKIP.
     """
     tags = tag_dict(tags)
     if not state_trusted:
@@ -229,13 +246,24 @@ def gate_decision(tags, flavors: dict | None = None, *,
     if tags.get(TAG_ROLE) == ROLE_PROTECTED:
         return SKIP, "a protected output of the gate"
     status = tags.get(TAG_STATUS)
+    if status == STATUS_SKIPPED and tags.get(TAG_PARENT):
+        return GATE, f"skipped before, now has parent tag {tags[TAG_PARENT]}"
     if status and status != STATUS_PENDING:
         return RECORDED, f"status {status} already set"
     if tags.get(TAG_PARENT):
         return GATE, f"parent tag {tags[TAG_PARENT]}"
     if flavors is None:
-        return CHECK, "no parent tag; the MLmodel may name one"
+        return CHECK, "no parent tag; the MLmodel or the run may name one"
+    conf = flavors.get(FLAVOR_NAME) if isinstance(flavors, dict) else None
+    if isinstance(conf, dict) and conf.get(FlavorKey.ROLE) == ROLE_PROTECTED:
+        return SKIP, "a protected output of the gate (safedelta flavor role)"
     parent = flavor_parent(flavors)
     if parent:
         return GATE, f"safedelta flavor with parent {parent}"
-    return SKIP, f"no {TAG_PARENT} tag and no {FLAVOR_NAME} flavor naming a parent"
+    if run_tags is None:
+        return CHECK, "no parent tag or flavor parent; the run may name one"
+    run_parent = tag_dict(run_tags).get(TAG_PARENT)
+    if run_parent:
+        return GATE, f"run tag {TAG_PARENT} {run_parent}"
+    return SKIP, (f"no {TAG_PARENT} tag on the version or its run and no {FLAVOR_NAME} flavor "
+                  "naming a parent")

@@ -27,8 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from mlflow_safedelta.jobqueue import JobQueue
-from mlflow_safedelta.vocab import ENV_WEBHOOK_SECRET, RECORDED, SKIP, gate_decision
+from mlflow_safedelta.jobqueue import InvalidJob, JobQueue, check_key
+from mlflow_safedelta.vocab import (
+    ENV_BODY_TIMEOUT,
+    ENV_WEBHOOK_SECRET,
+    RECORDED,
+    SKIP,
+    gate_decision,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ WEBHOOK_NAME = "safedelta-gate"
 DEFAULT_PATH = "/webhooks/mlflow"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB; a model_version.created payload is a few hundred bytes
 TOLERANCE_SECONDS = 300
+#: seconds a client gets to send the whole body (a slow or half-sent body is answered 408)
+BODY_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass
@@ -113,16 +121,22 @@ def handle_delivery(queue: JobQueue, secret: str, headers: Mapping[str, str], bo
         data = payload.get("data") or {}
     except (ValueError, KeyError, TypeError, AttributeError):
         return Reply(400, {"error": "body is not a JSON webhook payload"})
+    if not isinstance(data, dict):
+        return Reply(400, {"error": f"payload data must be an object, not {type(data).__name__}"})
     if event == ALIAS_EVENT and on_alias is not None:
         return _alias_created(queue, delivery_id, data, on_alias)
     if event != EVENT:
         return Reply(200, {"status": "ignored", "reason": f"event {event!r} is not {EVENT!r}"})
-    name, version = data.get("name"), data.get("version")
-    if not isinstance(name, str) or not name or version in (None, ""):
-        return Reply(400, {"error": "payload data lacks a model name or version"})
-    enqueue = gate_decision(data.get("tags"), state_trusted=_state_trusted(data))[0] \
-        not in (SKIP, RECORDED)
-    job = (name, str(version), "webhook") if enqueue else None
+    tags = data.get("tags")
+    if tags is not None and not isinstance(tags, (dict, list)) or (
+            isinstance(tags, list) and not all(isinstance(t, dict) for t in tags)):
+        return Reply(400, {"error": "payload data.tags must be an object or a list of objects"})
+    try:
+        name, version = check_key(data.get("name"), data.get("version"))
+    except InvalidJob as exc:
+        return Reply(400, {"error": f"payload data lacks a usable model name or version: {exc}"})
+    enqueue = gate_decision(tags, state_trusted=_state_trusted(data))[0] not in (SKIP, RECORDED)
+    job = (name, version, "webhook") if enqueue else None
     if not queue.record_delivery(delivery_id, event, job):
         return Reply(200, {"status": "duplicate", "delivery_id": delivery_id})
     if job is None:
@@ -167,8 +181,14 @@ def _alias_created(queue: JobQueue, delivery_id: str, data: dict,
 
 def create_app(queue: JobQueue, secret: str, *, path: str = DEFAULT_PATH,
                max_body: int = MAX_BODY_BYTES, tolerance: float = TOLERANCE_SECONDS,
-               on_alias: Callable[[str, str, str], dict] | None = None):
-    """A Starlette app (MLflow ships it) with ``POST {path}`` (the receiver) and ``GET /health``."""
+               on_alias: Callable[[str, str, str], dict] | None = None,
+               body_timeout: float | None = None):
+    """A Starlette app (MLflow ships it) with ``POST {path}`` (the receiver) and ``GET /health``.
+    A body not received within ``body_timeout`` seconds (default ``$SAFEDELTA_BODY_TIMEOUT``,
+    else 10) is answered 408, so slow or half-sent requests cannot hold the receiver."""
+    import asyncio
+
+    body_timeout = float(body_timeout or os.environ.get(ENV_BODY_TIMEOUT) or BODY_TIMEOUT_SECONDS)
     if not secret:
         raise ValueError(f"a webhook secret is required (--secret or ${SECRET_ENV})")
     from starlette.applications import Starlette
@@ -178,6 +198,15 @@ def create_app(queue: JobQueue, secret: str, *, path: str = DEFAULT_PATH,
 
     too_large = {"error": f"body larger than {max_body} bytes"}
 
+    async def _read_body(request) -> bytes | None:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # stop reading as soon as the limit is passed
+            size += len(chunk)
+            if size > max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def health(_request):
         return PlainTextResponse("OK")
 
@@ -185,14 +214,16 @@ def create_app(queue: JobQueue, secret: str, *, path: str = DEFAULT_PATH,
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body:
             return JSONResponse(too_large, 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():  # stop reading as soon as the limit is passed
-            size += len(chunk)
-            if size > max_body:
-                return JSONResponse(too_large, 413)
-            chunks.append(chunk)
+        try:
+            body = await asyncio.wait_for(_read_body(request), body_timeout)
+        except asyncio.TimeoutError:
+            _logger.warning("webhook rejected (408): body not received in %.0f s", body_timeout)
+            return JSONResponse({"error": f"request body not received within "
+                                          f"{body_timeout:g} s"}, 408)
+        if body is None:
+            return JSONResponse(too_large, 413)
         reply = await run_in_threadpool(handle_delivery, queue, secret, dict(request.headers),
-                                        b"".join(chunks), tolerance=tolerance, max_body=max_body,
+                                        body, tolerance=tolerance, max_body=max_body,
                                         on_alias=on_alias)
         if reply.status_code >= 400:
             _logger.warning("webhook rejected (%d): %s", reply.status_code, reply.body)

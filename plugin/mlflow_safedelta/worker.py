@@ -25,13 +25,17 @@ import threading
 from typing import Any, Callable
 
 from mlflow_safedelta.jobqueue import Job, JobQueue
+from mlflow_safedelta.redact import redact_text
 from mlflow_safedelta.vocab import (
     CHECK,
     ENV_JOB,
     GATE,
     RECORDED,
+    SKIP,
     STATUS_ERROR,
+    STATUS_SKIPPED,
     TAG_REASON,
+    TAG_ROLE,
     TAG_STATUS,
     gate_decision,
 )
@@ -113,14 +117,35 @@ class Worker:
     # -- deciding ------------------------------------------------------------------------------
 
     def needs_gate(self, model_name: str, version: str) -> tuple[bool, str]:
-        """Whether this version should be gated, and why (for the job's result column)."""
-        tags = dict(self.client().get_model_version(model_name, version).tags or {})
+        """Whether this version should be gated, and why (for the job's result column). A
+        version without a parent anywhere (version tag, flavor, run tag) is tagged
+        ``safedelta.status=skipped`` with the reason: never skipped silently."""
+        mv = self.client().get_model_version(model_name, version)
+        tags = dict(mv.tags or {})
         decision, why = gate_decision(tags)
+        flavors = None
         if decision == CHECK:
-            decision, why = gate_decision(tags, self._read_flavors(model_name, version))
+            flavors = self._read_flavors(model_name, version)
+            decision, why = gate_decision(tags, flavors)
+        if decision == CHECK:
+            decision, why = gate_decision(tags, flavors, self._run_tags(mv.run_id))
         if decision == RECORDED:  # the job reuses or re-checks what is recorded (idempotent)
             return True, f"{why} (job is idempotent)"
+        if decision == SKIP and not tags.get(TAG_ROLE):
+            self._tag(model_name, version, STATUS_SKIPPED, f"skipped: {why}")
         return decision == GATE, why if decision == GATE else f"skipped: {why}"
+
+    def _run_tags(self, run_id: str | None) -> dict[str, str]:
+        if not run_id:
+            return {}
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client().get_run(run_id).data.tags or {})
+        except MlflowException as exc:  # a deleted run names no parent
+            if is_transient(exc):
+                raise
+            return {}
 
     def _read_flavors(self, model_name: str, version: str) -> dict[str, Any]:
         import yaml
@@ -152,7 +177,7 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set."""
-        _logger.info("worker started on %s", self.queue.uri)
+        _logger.info("worker started on %s", redact_text(self.queue.uri))
         while not stop.is_set():
             try:
                 job = self.run_once()
@@ -168,6 +193,7 @@ class Worker:
             reason = (f"gave up after {job.attempts - 1} attempts; the last worker stopped "
                       f"mid-job (killed or crashed): {job.last_error or 'no error recorded'}")
             self._record_error(name, version, reason)
+            self._close_dead_runs(job, reason)
             self.queue.fail(job, reason)
             return
         stop_hb = threading.Event()
@@ -180,6 +206,12 @@ class Worker:
                 return
             _logger.info("gating %s v%s (%s), attempt %d", name, version, why, job.attempts)
             kwargs = {"tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri}
+            snapshot = self._pin(job)
+            if snapshot is None:  # the registered version this job was for is gone
+                self.queue.complete(job, "skipped: the version this job was for was deleted "
+                                         "(a later version has the same number)")
+                return
+            kwargs["policy"] = snapshot
             if job.force:  # an operator's `jobs retry`: re-run despite a final status
                 kwargs["force"] = True
             result = self.job(name, version, **kwargs)
@@ -189,7 +221,7 @@ class Worker:
             else:
                 self.queue.complete(job, _summary(result))
         except Exception as exc:  # noqa: BLE001 - every failure is settled here
-            msg = f"{type(exc).__name__}: {exc}"
+            msg = redact_text(f"{type(exc).__name__}: {exc}")
             if is_transient(exc) and self.queue.retry_later(job, msg):
                 _logger.warning("%s v%s: transient failure, will retry: %s", name, version, msg)
                 return
@@ -199,6 +231,52 @@ class Worker:
         finally:
             stop_hb.set()
             hb.join()
+
+    def _pin(self, job: Job):
+        """The policy this job gates with: the content stored with the job (resolved once, at
+        enqueue or at its first claim, by :func:`policy.policy_for_version`), never a name or
+        path read again. Also pins the job to its registered version's creation time. None when
+        that version no longer exists (deleted and created again)."""
+        from mlflow_safedelta.policy import (
+            policy_for_version,
+            policy_from_snapshot,
+            policy_snapshot,
+        )
+
+        mv = self.client().get_model_version(job.model_name, job.version)
+        created = getattr(mv, "creation_timestamp", None)
+        if job.version_created and created and str(created) != job.version_created:
+            return None
+        if job.policy:
+            self.queue.pin(job, created=created)
+            return policy_from_snapshot(job.policy)
+        policy = policy_for_version(job.model_name, dict(mv.tags or {}))
+        self.queue.pin(job, created=created, policy=policy_snapshot(policy))
+        return policy
+
+    def _close_dead_runs(self, job: Job, reason: str) -> None:
+        """A job given up after its workers kept dying: the runs they left RUNNING are FAILED."""
+        if not (job.policy and job.version_created):
+            return
+        try:
+            from mlflow_safedelta.policy import policy_fingerprint, policy_from_snapshot
+            from mlflow_safedelta.recovery import close_dead_runs, job_key
+
+            sha = policy_fingerprint(policy_from_snapshot(job.policy))
+            close_dead_runs(self.client(), job_key(job.model_name, job.version,
+                                                   job.version_created, sha),
+                            status="FAILED", reason=reason)
+        except Exception:  # noqa: BLE001 - best effort; the version's error tag is set
+            _logger.exception("could not close the dead runs of %s v%s", job.model_name,
+                              job.version)
+
+    def _tag(self, name: str, version: str, status: str, reason: str) -> None:
+        try:
+            client = self.client()
+            client.set_model_version_tag(name, version, TAG_STATUS, status)
+            client.set_model_version_tag(name, version, TAG_REASON, reason[:1000])
+        except Exception:  # noqa: BLE001
+            _logger.exception("could not tag %s v%s as %s", name, version, status)
 
     def _heartbeat(self, job: Job, stop: threading.Event) -> None:
         interval = max(0.2, self.queue.lease_seconds / 4)

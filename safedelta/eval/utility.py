@@ -76,8 +76,9 @@ def read_task_data(path: str | Path, limit: int | None = None) -> list[dict]:
                     rows.append({"prompt": str(r[p]), "response": str(r[a])})
                     break
             else:
+                # never echo the file's own keys: the path may come from a registrant
                 raise UtilityError(f"task data '{path}' line {n} needs keys 'prompt' and "
-                                   f"'response'; has {', '.join(r)}")
+                                   "'response' (or question/answer, instruction/output)")
     if not rows:
         raise UtilityError(f"task data '{path}' is empty")
     return rows[:limit] if limit is not None else rows

@@ -160,3 +160,19 @@ def test_the_gate_job_on_postgres_promotes_a_pass_and_not_a_fail(mlflow_server, 
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+
+
+def test_an_over_long_model_name_is_a_400_on_the_postgresql_queue(pg_uri):
+    """A signed delivery naming a 300-character model is bad input (400), not a database error
+    (500); the queue writes nothing."""
+    from mlflow_safedelta.jobqueue import InvalidJob
+    from mlflow_safedelta.webhooks import handle_delivery
+    from tests.unit.plugin.test_webhooks import SECRET, _headers, _payload
+
+    queue = JobQueue(pg_uri)
+    body = _payload(name="m" * 300, version="1")
+    reply = handle_delivery(queue, SECRET, _headers(body), body)
+    assert reply.status_code == 400 and "name" in reply.body["error"]
+    with pytest.raises(InvalidJob):
+        queue.enqueue("m" * 300, "1", source="store")
+    assert queue.list(model_name="m" * 300) == []

@@ -217,7 +217,6 @@ def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, re
 
     from mlflow_safedelta import flavor
     from mlflow_safedelta.gate_job import run_gate_job
-    from mlflow_safedelta.policy import parse_policy
     from tests.helpers.tiny import save_tiny_pair
 
     mlflow.set_tracking_uri(mlflow_server.url)
@@ -233,22 +232,18 @@ def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, re
     assert jobs_of(queues["store"], "gated-bot") == [("1", "store")]
     assert jobs_of(queues["store"], "gated-aligned") == [("1", "store")]
 
-    policy = parse_policy({
-        "policy_version": 1, "name": "routes-test",
-        "safety": {"suites": ["advbench"], "judge": "keyword", "max_asr": 0.5,
-                   "max_asr_increase": None},
-        "utility": {"min_retention": 0.0},
-        "select_s": {"mode": "fixed", "s": 0.05},
-        "promotion": {"enabled": True, "alias": "production"},
-        "evaluation": {"limit": 4, "max_new_tokens": 4}})
-
+    # the worker gates with the policy it snapshots for the version (no tag: ``default``), so the
+    # stand-in evaluator reports what passes default: both its suites, decidable sample sizes
     def fixed_metrics(models, policy, **_):
         assert set(models) == {"aligned", "finetuned", "protected"}
+        assert policy.name == "default"
+        suites = {f"asr.{s}": 0.0 for s in policy.safety.suites}
+        sizes = {f"asr.{s}.n": 50.0 for s in policy.safety.suites}
         return type("Report", (), {"judge": {"judge": "keyword"}, "metrics": {
-            "aligned": {"asr.advbench": 0.05}, "finetuned": {"asr.advbench": 0.6},
-            "protected": {"asr.advbench": 0.1, "utility_retention": 0.9, "asr.advbench.n": 4.0}}})()
+            "aligned": dict(suites), "finetuned": {k: 0.6 for k in suites},
+            "protected": {**suites, **sizes, "utility_retention": 0.9}}})()
 
-    job = functools.partial(run_gate_job, policy=policy, evaluator=fixed_metrics, progress=False,
+    job = functools.partial(run_gate_job, evaluator=fixed_metrics, progress=False,
                             work_dir=tmp_path / "work")
     worker = Worker(queue, job, tracking_uri=mlflow_server.url)
     while worker.run_once() is not None:

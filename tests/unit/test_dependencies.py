@@ -51,7 +51,7 @@ SERVER_SIDE = {
     *(f"plugin/mlflow_safedelta/{m}.py" for m in (
         "__init__", "__main__", "_entrypoints", "cli", "extras", "vocab", "errors", "store",
         "jobqueue", "webhooks", "reconcile", "policy", "registry", "verdict", "manifest",
-        "action", "worker")),
+        "action", "worker", "redact", "governance", "guard", "signing", "enforce", "recovery")),
     *(p.relative_to(REPO).as_posix()
       for p in (REPO / "plugin/mlflow_safedelta/commands").glob("*.py")),
     "safedelta/__init__.py", "safedelta/errors.py", "safedelta/config.py",

@@ -89,6 +89,36 @@ class WeightsLocation:
     conf: dict | None = None
 
 
+def confine(root: str | Path, rel: str, field: str) -> Path:
+    """``root/rel`` when it resolves (symlinks followed) inside ``root``; else
+    :class:`ModelWeightsNotFound` naming ``field``. Every path a registrant writes (MLmodel
+    fields, tags) goes through here before the gate reads it."""
+    root = Path(root).resolve()
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise ModelWeightsNotFound(f"{field}: {rel!r} is not a relative path inside the model's "
+                                   "artifact")
+    target = (root / rel).resolve()
+    if target != root and root not in target.parents:
+        raise ModelWeightsNotFound(f"{field}: {rel!r} points outside the model's artifact")
+    return target
+
+
+def confine_tree(root: str | Path) -> None:
+    """Every symlink under ``root`` must resolve inside it (a downloaded artifact may hold
+    links to the worker's own disk); else :class:`ModelWeightsNotFound` naming the link."""
+    import os
+
+    base = Path(root).resolve()
+    for dirpath, dirnames, filenames in os.walk(base):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            if p.is_symlink():
+                t = p.resolve()
+                if t != base and base not in t.parents:
+                    raise ModelWeightsNotFound(
+                        f"symlink {p.relative_to(base)} in the model's artifact points outside it")
+
+
 def locate_weights(model_dir: str | Path) -> WeightsLocation:
     """Find the weights inside a downloaded MLflow model of the ``safedelta`` or ``transformers``
     flavor (or a plain checkpoint directory).
@@ -106,18 +136,27 @@ def locate_weights(model_dir: str | Path) -> WeightsLocation:
         flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
         if "safedelta" in flavors:
             conf = flavors["safedelta"]
-            tok = model_dir / conf.get(FlavorKey.TOKENIZER, TOKENIZER_SUBPATH)
+            if not isinstance(conf, dict):
+                raise ModelWeightsNotFound("MLmodel flavors.safedelta is not a mapping")
+            tok = confine(model_dir, conf.get(FlavorKey.TOKENIZER, TOKENIZER_SUBPATH),
+                          f"MLmodel flavors.safedelta.{FlavorKey.TOKENIZER}")
             return WeightsLocation(
-                "safedelta", model_dir / conf.get(FlavorKey.MODEL_DATA, MODEL_DATA_SUBPATH),
+                "safedelta", confine(model_dir, conf.get(FlavorKey.MODEL_DATA, MODEL_DATA_SUBPATH),
+                                     f"MLmodel flavors.safedelta.{FlavorKey.MODEL_DATA}"),
                 tok if tok.is_dir() else None, conf.get(FlavorKey.DELTA_FORMAT, "full"),
                 conf.get(FlavorKey.PARENT_URI), conf)
         if "transformers" in flavors:
             conf = flavors["transformers"]
+            if not isinstance(conf, dict):
+                raise ModelWeightsNotFound("MLmodel flavors.transformers is not a mapping")
             tok = model_dir / "components" / "tokenizer"
             if conf.get("peft_adaptor"):
-                return WeightsLocation("transformers", model_dir / conf["peft_adaptor"],
+                return WeightsLocation("transformers",
+                                       confine(model_dir, conf["peft_adaptor"],
+                                               "MLmodel flavors.transformers.peft_adaptor"),
                                        tok if tok.is_dir() else None, "lora", None, conf)
-            weights = model_dir / conf.get("model_binary", "model")
+            weights = confine(model_dir, conf.get("model_binary", "model"),
+                              "MLmodel flavors.transformers.model_binary")
             if not weights.is_dir():
                 raise ModelWeightsNotFound(
                     f"transformers model at '{model_dir}' was saved without weights "

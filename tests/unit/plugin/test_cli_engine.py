@@ -142,6 +142,17 @@ def test_pickle_refused_unless_allowed(models, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("content", [b"not a pickle at all", b"PK\x03\x04truncated zip"])
+def test_an_unreadable_pickle_with_allow_pickle_exits_2_with_a_message(models, tmp_path,
+                                                                        content):
+    pk = tmp_path / "pickled"
+    make_tiny_model(None, seed=1).config.save_pretrained(pk)
+    (pk / "pytorch_model.bin").write_bytes(content)
+    out = tmp_path / "out"
+    res = run(*protect_args(models, pk, out, "--allow-pickle"))
+    assert_refused(res, out, "cannot read pickle-based weights", "pytorch_model.bin")
+
+
 def test_empty_calibration(models, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -160,3 +160,35 @@ def test_pyfunc_model_config_reaches_the_loader(tiny_dirs, tmp_path):
                       parent="models:/nowhere/1")  # never resolved: base_model_path wins
     pyf = mlflow.pyfunc.load_model(str(path), model_config={"base_model_path": str(aligned)})
     assert len(pyf.predict(["hi"], params=GEN)) == 1
+
+
+def test_registrant_paths_must_stay_inside_the_downloaded_artifact(tmp_path):
+    """MLmodel fields and symlinks that point outside the model's own artifact are errors that
+    name the field (the gate must never read the worker's own disk)."""
+    import os
+
+    import yaml
+
+    from mlflow_safedelta.errors import ModelWeightsNotFound
+    from mlflow_safedelta.flavor.model_io import confine_tree, locate_weights
+
+    elsewhere = tmp_path / "worker-disk"
+    save_tiny_pair(elsewhere, seed=0)
+    model = tmp_path / "artifact"
+    flavor.save_model(str(save_tiny_pair(tmp_path / "ft", seed=1)), model, parent="models:/p/1")
+    assert locate_weights(model).weights_dir == (model / "model").resolve()
+    ml = yaml.safe_load((model / "MLmodel").read_text())
+    for field, value in (("model_data", str(elsewhere)), ("model_data", "../worker-disk"),
+                         ("tokenizer", "/etc")):
+        bad = dict(ml, flavors={**ml["flavors"], "safedelta": {**ml["flavors"]["safedelta"],
+                                                              field: value}})
+        (model / "MLmodel").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ModelWeightsNotFound, match=f"flavors.safedelta.{field}"):
+            locate_weights(model)
+    (model / "MLmodel").write_text(yaml.safe_dump(ml))
+    os.symlink(elsewhere / "model.safetensors", model / "model" / "extra.safetensors")
+    with pytest.raises(ModelWeightsNotFound, match="symlink model/extra.safetensors"):
+        confine_tree(model)
+    os.unlink(model / "model" / "extra.safetensors")
+    os.symlink("config.json", model / "model" / "alias.json")  # inside: fine
+    confine_tree(model)

@@ -171,7 +171,15 @@ def test_gate_decision_from_tags_and_flavors():
     flavor = {"safedelta": {"role": "finetuned", "parent_uri": "models:/base/1"}}
     assert gate_decision({}, flavor) == ("gate", "safedelta flavor with parent models:/base/1")
     assert gate_decision({}, {"safedelta": {"role": "protected", "parent_uri": "x"}})[0] == "skip"
-    assert gate_decision({}, {"transformers": {}})[0] == "skip"
+    assert gate_decision({}, {"transformers": {}})[0] == "check"  # the run may name a parent
+    assert gate_decision({}, {"transformers": {}}, {})[0] == "skip"
+
+
+def test_a_parent_named_only_on_the_run_is_gated():
+    run_tags = {"safedelta.parent": "models:/base/1"}
+    assert gate_decision({}, {"transformers": {}}, run_tags) == (
+        "gate", "run tag safedelta.parent models:/base/1")
+    assert gate_decision({}, {}, run_tags)[0] == "gate"
 
 
 class Flaky(Exception):
@@ -264,7 +272,10 @@ def test_worker_skips_protected_and_unflavored_versions(registry, queue):
     assert calls == []
     assert queue.get("ft", protected).result.startswith("skipped: a protected output")
     assert queue.get("ft", plain).result.startswith("skipped: no safedelta.parent")
-    assert "safedelta.status" not in client.get_model_version("ft", plain).tags
+    tags = client.get_model_version("ft", plain).tags  # never skipped silently
+    assert tags["safedelta.status"] == "skipped"
+    assert tags["safedelta.reason"].startswith("skipped: no safedelta.parent tag")
+    assert "safedelta.status" not in client.get_model_version("ft", protected).tags
 
 
 def test_worker_gates_a_safedelta_flavored_source(registry, queue, tmp_path):
@@ -346,3 +357,63 @@ def test_jobs_list_and_retry_commands(tmp_path):
     no_secret = runner.invoke(cli, ["webhook", "ensure", "http://127.0.0.1:1/x"],
                               env={"SAFEDELTA_WEBHOOK_SECRET": ""})
     assert no_secret.exit_code == 2 and "secret is required" in no_secret.output
+
+
+def test_a_job_of_a_re_created_version_replaces_the_stale_row(queue):
+    """Name + number + creation time is a version's identity: a model deleted and created again
+    gets a fresh job for its new version 1, not the old one's finished row."""
+    job, created = queue.enqueue("m", "1", source="store", created=1000)
+    claimed = queue.claim()
+    assert queue.complete(claimed, "verdict=passed")
+    assert queue.enqueue("m", "1", source="store", created=1000)[1] is False  # same version
+    assert queue.known([("m", "1", 1000)]) == {("m", "1")}
+    assert queue.known([("m", "1", 2000)]) == set()
+    job, created = queue.enqueue("m", "1", source="reconcile", created=2000)
+    assert created and job.state == "queued" and job.version_created == "2000"
+    assert job.attempts == 0 and job.result is None
+
+
+def test_over_long_names_and_non_numeric_versions_are_refused(queue):
+    from mlflow_safedelta.jobqueue import InvalidJob
+
+    for name, version in (("m" * 300, "1"), ("m", "[1, 2]"), ("m", [1, 2]), ("", "1")):
+        with pytest.raises(InvalidJob):
+            queue.enqueue(name, version, source="webhook")
+    assert queue.list() == []
+
+
+def test_the_policy_content_is_stored_with_the_job(queue):
+    from mlflow_safedelta.policy import load_policy, policy_from_snapshot, policy_snapshot
+
+    strict = load_policy("strict")
+    queue.enqueue("m", "1", source="store", policy=policy_snapshot(strict))
+    job = queue.claim()
+    assert policy_from_snapshot(job.policy) == strict
+    assert queue.pin(job, created=5, policy="ignored: already recorded")
+    assert queue.get("m", "1").policy == job.policy
+    assert queue.get("m", "1").version_created == "5"
+
+
+def test_an_old_queue_database_is_migrated(tmp_path):
+    """Rows of a queue made before identity and policy were recorded keep working: the columns
+    are added, and such a row counts as an earlier version's when it is older than the version."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE safedelta_jobs (model_name VARCHAR(256) NOT NULL, version "
+                "VARCHAR(64) NOT NULL, state VARCHAR(16) NOT NULL, source VARCHAR(32) NOT NULL, "
+                "attempts INTEGER NOT NULL, enqueued_at FLOAT NOT NULL, next_run_at FLOAT NOT "
+                "NULL, lease_until FLOAT, token VARCHAR(64), last_error TEXT, result TEXT, "
+                "updated_at FLOAT NOT NULL, force BOOLEAN NOT NULL, PRIMARY KEY (model_name, "
+                "version))")
+    con.execute("INSERT INTO safedelta_jobs VALUES ('m', '1', 'done', 'store', 1, 100.0, 100.0, "
+                "NULL, NULL, NULL, 'verdict=passed', 100.0, 0)")
+    con.commit()
+    con.close()
+    queue = JobQueue(f"sqlite:///{path}")
+    old = queue.get("m", "1")
+    assert old.state == "done" and old.version_created is None and old.policy is None
+    assert queue.enqueue("m", "1", source="store", created=50_000)[1] is False  # same version
+    job, created = queue.enqueue("m", "1", source="store", created=200_000)  # re-created later
+    assert created and job.state == "queued"

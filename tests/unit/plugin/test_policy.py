@@ -171,3 +171,24 @@ def test_s_search_range_follows_the_budget_rule_unless_given():
         assert lo <= DEFAULT_S[sel.budget] <= hi
         if sel.s is not None:
             assert lo <= sel.s <= hi, f"{name}: s={sel.s} is off the {sel.budget} budget's scale"
+
+
+def test_policy_for_version_is_the_tag_else_default_and_a_snapshot_keeps_the_content(tmp_path):
+    from mlflow_safedelta.policy import (
+        policy_fingerprint,
+        policy_for_version,
+        policy_from_snapshot,
+        policy_snapshot,
+        policy_to_yaml,
+    )
+
+    assert policy_for_version("m", {}).name == "default"
+    assert policy_for_version("m", {"safedelta.policy": "strict"}).name == "strict"
+    f = tmp_path / "team.yaml"
+    f.write_text(policy_to_yaml(load_policy("permissive")))
+    pol = policy_for_version("m", {"safedelta.policy": str(f)})
+    snap = policy_snapshot(pol)
+    f.unlink()  # the snapshot does not need the file any more
+    again = policy_from_snapshot(snap)
+    assert again == pol and policy_fingerprint(again) == policy_fingerprint(pol)
+    assert again.source == str(f)

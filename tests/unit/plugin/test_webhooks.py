@@ -124,6 +124,14 @@ REJECTED = {
     "not an object": (lambda: b'["model_version", "created"]', _headers, 400),
     "no version": (lambda: json.dumps({"entity": "model_version", "action": "created",
                                        "data": {"name": "x"}}).encode(), _headers, 400),
+    "data is a string": (lambda: json.dumps({"entity": "model_version", "action": "created",
+                                             "data": "ft"}).encode(), _headers, 400),
+    "data is a list": (lambda: json.dumps({"entity": "model_version", "action": "created",
+                                           "data": ["ft", "1"]}).encode(), _headers, 400),
+    "version is a list": (lambda: _payload(version=[1, 2]), _headers, 400),
+    "version is not a number": (lambda: _payload(version="1; drop"), _headers, 400),
+    "name of 300 characters": (lambda: _payload(name="m" * 300), _headers, 400),
+    "tags are a string": (lambda: _payload(tags="safedelta.parent"), _headers, 400),
     "oversized body": (lambda: b" " * (MAX_BODY_BYTES + 1) + _payload(), _headers, 413),
     "unknown event": (lambda: _payload(entity="registered_model", action="created"), _headers,
                       200),
@@ -171,3 +179,37 @@ def test_handle_delivery_checks_freshness_against_the_given_clock(tmp_path):
 def test_app_refuses_to_start_without_a_secret(tmp_path):
     with pytest.raises(ValueError, match="secret is required"):
         create_app(JobQueue(f"sqlite:///{tmp_path / 'q.sqlite'}"), "")
+
+
+def test_a_slow_or_half_sent_body_is_answered_408(tmp_path):
+    """The receiver does not wait forever for a body a client never finishes sending."""
+    import uvicorn
+
+    queue = JobQueue(f"sqlite:///{tmp_path / 'q.sqlite'}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(queue, SECRET, body_timeout=1.0),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).text == "OK":
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        body = _payload()
+        head = "".join(f"{k}: {v}\r\n" for k, v in _headers(body).items())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall((f"POST /webhooks/mlflow HTTP/1.1\r\nHost: x\r\n{head}"
+                          f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:10])
+            t0 = time.monotonic()
+            reply = conn.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert time.monotonic() - t0 < 8
+        assert _snapshot(queue)[0] == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

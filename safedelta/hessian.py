@@ -50,6 +50,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from safedelta.cache import FORMAT_VERSION, MANIFEST, HessianCacheError, HessianSet, _read_manifest
 from safedelta.errors import (
     CalibrationError,
     CheckpointError,
@@ -58,24 +59,21 @@ from safedelta.errors import (
     ShapeMismatch,
 )
 
+__all__ = ["ACCUMULATION", "MICRO_BATCH", "HessianAccumulator", "HessianCacheError",
+           "HessianSet", "hessians_from_model", "micro_batches", "prepare_hessians"]
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import Tensor, nn
 
 _logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 #: how Hessians are accumulated, part of the cache key: 1 = running mean, batch size 1;
 #: 2 = micro-batches, padding masked out, one ``X^T X`` per call summed and scaled once
 ACCUMULATION = 2
 #: calibration samples per forward (the cache key records it)
 MICRO_BATCH = 16
-MANIFEST = "manifest.json"
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-class HessianCacheError(SafeDeltaError):
-    """A Hessian cache entry cannot be used (unreadable manifest or block file)."""
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -178,128 +176,6 @@ def hessians_from_model(model: "nn.Module", samples: Sequence["Tensor"]) -> dict
         for h in hooks:
             h.remove()
     return {k: v.H for k, v in acc.items()}
-
-
-# --------------------------------------------------------------------------- the cached set
-
-class HessianSet:
-    """The Hessians of one (aligned model, calibration set), lazily read from the cache.
-
-    Attributes:
-        fingerprint: the cache key (hex).
-        cache_hit: True when this call found the set on disk and ran no calibration pass.
-        cache_path: the cache directory.
-        weight_names: full names of every linear weight in the decoder blocks, in order, as the
-            aligned checkpoint spells them (``"model.layers.0.self_attn.q_proj.weight"``; a
-            checkpoint saved from the bare base model has ``"layers.0...."``).
-        block_of: weight name -> block index.
-        conv1d: names whose weight is stored in x out (``transformers`` ``Conv1D``).
-        shared: weight name -> the name whose Hessian it shares (only for names that share).
-        n_samples, n_tokens: calibration samples and tokens (all tokens count).
-        timings: seconds spent by this call (``"fingerprint"``, ``"tokenize"``, ``"load"``,
-            ``"calibration_forward"``, ``"save"``, ``"total"``); ``build_timings`` holds those of
-            the call that built the cache.
-    """
-
-    def __init__(self, path: str | Path, *, cache_hit: bool = False,
-                 timings: dict[str, float] | None = None):
-        self.cache_path = Path(path)
-        self.manifest = _read_manifest(self.cache_path)
-        if self.manifest is None:
-            raise HessianCacheError(f"no valid Hessian cache at '{self.cache_path}'")
-        m = self.manifest
-        self.fingerprint: str = m["key"]
-        self.cache_hit = cache_hit
-        self.weight_names: list[str] = list(m["weight_names"])
-        ent = m["tensors"]
-        self.block_of: dict[str, int] = {n: int(ent[n]["block"]) for n in self.weight_names}
-        self.conv1d: set[str] = {n for n in self.weight_names if ent[n]["conv1d"]}
-        self.shared: dict[str, str] = {n: ent[n]["key"] for n in self.weight_names
-                                       if ent[n]["key"] != n}
-        self.n_samples: int = int(m["n_samples"])
-        self.n_tokens: int = int(m["n_tokens"])
-        self.n_blocks: int = int(m["n_blocks"])
-        self.layers_prefix: str = m["layers_prefix"]
-        self.timings: dict[str, float] = dict(timings or {})
-        self.build_timings: dict[str, float] = dict(m.get("timings") or {})
-        self._handles: dict[str, Any] = {}
-
-    def __repr__(self) -> str:
-        return (f"HessianSet({self.fingerprint[:12]}, {len(self.weight_names)} linears in "
-                f"{self.n_blocks} blocks, {self.n_samples} samples / {self.n_tokens} tokens, "
-                f"cache_hit={self.cache_hit})")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.block_of
-
-    def __len__(self) -> int:
-        return len(self.weight_names)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.weight_names)
-
-    def in_features(self, name: str) -> int:
-        return int(self._entry(name)["in_features"])
-
-    def _entry(self, name: str) -> dict:
-        try:
-            return self.manifest["tensors"][name]
-        except KeyError:
-            raise MissingTensor(f"no Hessian for '{name}' in '{self.cache_path}' (known: "
-                                f"{', '.join(self.weight_names[:4])}, ...)") from None
-
-    def _handle(self, fname: str):
-        if fname not in self._handles:
-            from safetensors import safe_open
-
-            try:
-                self._handles[fname] = safe_open(self.cache_path / fname, framework="pt",
-                                                 device="cpu")
-            except Exception as e:
-                raise HessianCacheError(f"cannot read Hessian file '{self.cache_path / fname}' "
-                                        f"({e}); delete '{self.cache_path}' to rebuild") from e
-        return self._handles[fname]
-
-    def get(self, weight_name: str) -> "Tensor":
-        """``H`` of the linear owning ``weight_name``: ``in x in``, fp32, before damping."""
-        e = self._entry(weight_name)
-        return self._handle(e["file"]).get_tensor(e["key"])
-
-    def block(self, i: int) -> dict[str, "Tensor"]:
-        """``{weight name: H}`` for every linear of block ``i`` (shared ones are one tensor)."""
-        if not 0 <= i < self.n_blocks:
-            raise IndexError(f"block {i} out of range (0..{self.n_blocks - 1})")
-        loaded: dict[str, Tensor] = {}
-        out = {}
-        for n in self.weight_names:
-            if self.block_of[n] == i:
-                key = self._entry(n)["key"]
-                if key not in loaded:
-                    loaded[key] = self.get(key)
-                out[n] = loaded[key]
-        return out
-
-
-def _read_manifest(path: Path) -> dict | None:
-    """The manifest when ``path`` holds a complete cache entry of this format, else None."""
-    f = path / MANIFEST
-    if not f.is_file():
-        return None
-    try:
-        m = json.loads(f.read_text())
-        if m.get("format") != FORMAT_VERSION:
-            return None
-        files = {e["file"] for e in m["tensors"].values()}
-        if not all((path / fn).is_file() for fn in files):
-            return None
-        sizes = m["files"]  # byte sizes: a truncated copy (interrupted download) is not valid
-        if any((path / fn).stat().st_size != sizes.get(fn) for fn in files):
-            return None
-        if not all(n in m["tensors"] for n in m["weight_names"]):
-            return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return m
 
 
 # --------------------------------------------------------------------------- the pass

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from safedelta.cache import FactorStore, factor_store_path
 from safedelta.checkpoint import CheckpointReader, CheckpointWriter, check_compatible
 from safedelta.config import SafeDeltaConfig
 from safedelta.errors import InvalidConfig, OutputExists
@@ -118,132 +119,25 @@ class _Timer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
-#: version of the factorisation cache's layout and of what it holds; part of its path
-FACTOR_FORMAT = 1
-
-
-class _FactorStore:
-    """The default rule's factorisations and the aligned weights' output energies, on disk.
-
-    Both depend only on the aligned model and the calibration set (the Hessian cache entry they
-    live in), the damping and the device kind, so a second request against the same parent reads
-    them instead of factoring every Hessian again (``c^3``) and recomputing every
-    ``E0 = 1/2 tr(W0 H W0^T)`` (``r c^2``). Values are the very tensors and floats a fresh
-    computation gives, so a warm result is bitwise the cold one. Layout:
-    ``<hessian cache>/factors-v1/<device>-damp<damp>/<weight>.safetensors`` (``U_order``
-    and its memory layout, ``order``, ``hinv_diag``, ``dead``; the absolute damping in the metadata) and
-    ``energies.json``; each file is written to a temporary name and renamed. A cache that cannot
-    be written (read-only) only costs the speed-up.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.energies: dict[str, float] = {}
-        self._new_energies: dict[str, float] = {}
-        try:
-            import json
-
-            self.energies = {k: float(v) for k, v in
-                             json.loads((root / "energies.json").read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def load(self, key: str):
-        import torch
-
-        from safedelta.checkpoint import SafetensorsFile
-        from safedelta.errors import CheckpointError
-        from safedelta.solver import PreparedHessian
-
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        f = SafetensorsFile(path)
-        try:
-            t = {n: f.get(n) for n in ("U_order", "order", "hinv_diag", "dead")}
-            damp = float(f.metadata["damp"])
-            if f.metadata.get("U_order_layout") == "column-major":
-                t["U_order"] = t["U_order"].T.contiguous().T
-        except (CheckpointError, KeyError, ValueError) as exc:
-            _logger.warning("ignoring unreadable cached factorisation %s (%s)", path, exc)
-            return None
-        finally:
-            f.close()
-        return PreparedHessian(H=None, U=None, d=None, hinv_diag=t["hinv_diag"],
-                               order=t["order"].to(torch.long), U_order=t["U_order"],
-                               damp=damp, dead=t["dead"].to(torch.bool))
-
-    def save(self, key: str, prep) -> None:
-        from safetensors.torch import save_file
-
-        # the factor's memory layout is restored on reading (LAPACK returns it column-major):
-        # the solve's products round differently on another layout
-        layout = "column-major" if prep.U_order.stride(0) == 1 else "row-major"
-        tensors = {"U_order": prep.U_order, "order": prep.order,
-                   "hinv_diag": prep.hinv_diag, "dead": prep.dead}
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"damp": repr(float(prep.damp)), "U_order_layout": layout})
-            os.replace(tmp, self._path(key))
-        except OSError as exc:
-            _logger.warning("could not cache the factorisation of %s (%s)", key, exc)
-            tmp.unlink(missing_ok=True)
-
-    def add_energy(self, name: str, value: float) -> None:
-        self.energies[name] = value
-        self._new_energies[name] = value
-
-    def flush(self) -> None:
-        """Merge the new energies into ``energies.json`` (read again: another run may have
-        added some)."""
-        import json
-
-        if not self._new_energies:
-            return
-        path = self.root / "energies.json"
-        tmp = self.root / f".energies.{os.getpid()}.tmp"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            try:
-                merged = json.loads(path.read_text())
-            except (OSError, ValueError):
-                merged = {}
-            merged.update(self._new_energies)
-            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))  # repr: exact floats
-            os.replace(tmp, path)
-            self._new_energies.clear()
-        except OSError as exc:
-            _logger.warning("could not cache the output energies (%s)", exc)
-            tmp.unlink(missing_ok=True)
-
-
 class _PreparedCache:
     """Damped, factored Hessians, reused while consecutive weights share one ``H``.
 
     Weights that read the same input (q/k/v, gate/up) share one Hessian
     (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
     damped and factored once. Under the default budget the factorisations and the output
-    energies are also kept on disk (:class:`_FactorStore`) for the next request against the same
-    aligned model; the official rule factors afresh (its ``U`` is not cached).
+    energies are also kept on disk (:class:`safedelta.cache.FactorStore`) for the next request
+    against the same aligned model; the official rule factors afresh (its ``U`` is not cached).
     """
 
     def __init__(self, hs, damp: float, device: str, budget: str = "default", keep: int = 3):
-        import torch
-
         self.damp, self.device, self.keep = damp, device, keep
         self.official = budget == "official"
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
         self.n_loaded = 0
         self._file: Any = None
-        self.store = None if self.official else _FactorStore(
-            Path(hs.cache_path) / f"factors-v{FACTOR_FORMAT}"
-            / f"{torch.device(device).type}-damp{damp!r}")
+        self.store = None if self.official else FactorStore(
+            factor_store_path(hs.cache_path, device, damp))
 
     def _read(self, hs, name: str) -> "torch.Tensor":
         """``H`` of ``name`` read with positioned reads (``HessianSet.get`` memory-maps the cache

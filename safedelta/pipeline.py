@@ -44,7 +44,8 @@ from safedelta.checkpoint import CheckpointReader, CheckpointWriter, check_compa
 from safedelta.config import SafeDeltaConfig
 from safedelta.errors import InvalidConfig, OutputExists
 from safedelta.lora import LoraAdapter, is_lora_adapter
-from safedelta.report import ProtectReport, peak_memory
+from safedelta.memory import PhasePeak, memory_summary, phase_peak
+from safedelta.report import ProtectReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -247,19 +248,73 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         MissingTensor / ShapeMismatch), AdapterError, CalibrationError, OutputExists,
         NonFiniteWeights. After any error nothing is left in ``out``.
     """
-    import torch
-
     t_start = time.perf_counter()
     timer = _Timer()
     cfg = resolve_config(config)
     dev = resolve_device(device)
+    output_dtype = _resolve_dtype(output_dtype)
+    phases: dict[str, PhasePeak] = {}
+
+    # 1. validate everything before any work; 2. fingerprints
+    with phase_peak() as phases["validate"]:
+        a_reader, ft, writer = _validate(aligned, finetuned, out, calibration,
+                                         allow_pickle=allow_pickle, overwrite=overwrite,
+                                         output_dtype=output_dtype)
+        with timer("fingerprint"):
+            fp_aligned = _fingerprint(a_reader.path, None, cache_dir)
+            fp_ft = _fingerprint(Path(finetuned), ft, cache_dir)
+
+    # 3. Hessians (cached per aligned model and calibration set)
+    with phase_peak() as phases["hessians"]:
+        hs = _hessians(aligned, a_reader, calibration, timer, cache_dir=cache_dir, device=dev,
+                       progress=progress, allow_pickle=allow_pickle, max_samples=max_samples,
+                       max_length=max_length)
+    report = ProtectReport(
+        inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
+                "out": str(Path(out)), "calibration": _calibration_label(calibration),
+                "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
+                "finetuned_kind": ft.kind, "n_samples": hs.n_samples, "n_tokens": hs.n_tokens},
+        config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
+        cache={"hit": hs.cache_hit, "path": str(hs.cache_path), "key": hs.fingerprint},
+        device=dev,
+        versions=_versions(),
+    )
+
+    # 4. stream; 5. the report, then the directory moved into place
+    with writer:
+        with phase_peak() as phases["stream"]:
+            prepared = _stream(a_reader, ft, writer, hs, cfg, dev, report, timer, progress)
+        with timer("write"):
+            report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
+            report.timings["total"] = round(time.perf_counter() - t_start, 3)
+            report.memory = memory_summary(phases)
+            report.inputs["hessians_factored"] = prepared.n_prepared
+            report.inputs["factorisations_cached"] = prepared.n_loaded
+            report.save(writer.tmp_dir)
+            writer.commit()
+    report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
+    report.timings["total"] = round(time.perf_counter() - t_start, 3)
+    report.save(writer.out)  # final timings; the directory is already in place
+    _logger.info("protected model written to %s\n%s", writer.out, report.summary())
+    return report
+
+
+def _resolve_dtype(output_dtype: "torch.dtype | str | None") -> "torch.dtype | None":
+    import torch
+
     if isinstance(output_dtype, str):
         if not isinstance(getattr(torch, output_dtype, None), torch.dtype):
             raise InvalidConfig(f"unknown output dtype {output_dtype!r}; use e.g. 'bfloat16', "
                                 "'float16' or 'float32'")
         output_dtype = getattr(torch, output_dtype)
+    return output_dtype
 
-    # 1. validate everything before any work
+
+def _validate(aligned, finetuned, out, calibration, *, allow_pickle: bool, overwrite: bool,
+              output_dtype) -> tuple[CheckpointReader, FullFinetune | LoraAdapter,
+                                     CheckpointWriter]:
+    """Step 1: both inputs, their compatibility, the calibration file and the output directory
+    checked (headers only) before any work; returns the readers and the writer."""
     a_reader = CheckpointReader(aligned, allow_pickle=allow_pickle, label="aligned model")
     ft = open_finetuned(finetuned, allow_pickle=allow_pickle)
     ft.check_against(a_reader)
@@ -272,82 +327,60 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
             raise OutputExists(f"output '{out}' is the {what} input; write the protected model "
                                "to another directory")
     writer = CheckpointWriter(out, template=a_reader, overwrite=overwrite, dtype=output_dtype)
+    return a_reader, ft, writer
 
-    # 2. fingerprints
-    with timer("fingerprint"):
-        fp_aligned = _fingerprint(a_reader.path, None, cache_dir)
-        fp_ft = _fingerprint(Path(finetuned), ft, cache_dir)
 
-    # 3. Hessians (cached per aligned model and calibration set)
+def _hessians(aligned, a_reader: CheckpointReader, calibration, timer: _Timer, **kw):
+    """Step 3: the Hessian set (cached), checked against the aligned checkpoint's names."""
     from safedelta.hessian import prepare_hessians
 
     with timer("hessians"), _blame_aligned(a_reader):
-        hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
-                              progress=progress, allow_pickle=allow_pickle,
-                              max_samples=max_samples, max_length=max_length)
+        hs = prepare_hessians(aligned, calibration, **kw)
     _release_freed_memory()  # what the calibration pass freed
-    linear, conv1d = set(hs.weight_names), set(hs.conv1d)
-    unknown = sorted(n for n in linear if n not in a_reader)
+    unknown = sorted(n for n in hs.weight_names if n not in a_reader)
     if unknown:
         from safedelta.errors import UnsupportedArchitecture
 
         raise UnsupportedArchitecture(f"the calibration pass found linear weight '{unknown[0]}' "
                                       f"that the aligned checkpoint '{a_reader.path}' lacks")
+    return hs
 
+
+def _calibration_label(calibration) -> str | None:
     if calibration is None or isinstance(calibration, (str, os.PathLike)):
-        calibration_label = None if calibration is None else str(calibration)
-    else:
-        calibration_label = f"{len(calibration)} token-id samples"
-    report = ProtectReport(
-        inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
-                "out": str(Path(out)), "calibration": calibration_label,
-                "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
-                "finetuned_kind": ft.kind, "n_samples": hs.n_samples, "n_tokens": hs.n_tokens},
-        config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
-        cache={"hit": hs.cache_hit, "path": str(hs.cache_path), "key": hs.fingerprint},
-        device=dev,
-        versions=_versions(),
-    )
+        return None if calibration is None else str(calibration)
+    return f"{len(calibration)} token-id samples"
 
-    # 4. stream
+
+def _stream(a_reader: CheckpointReader, ft, writer: CheckpointWriter, hs, cfg: SafeDeltaConfig,
+            dev: str, report: ProtectReport, timer: _Timer, progress: bool) -> _PreparedCache:
+    """Step 4: every tensor of the output read, protected or passed through, written."""
+    linear, conv1d = set(hs.weight_names), set(hs.conv1d)
     prepared = _PreparedCache(hs, cfg.damp, dev, cfg.budget)
     names = writer.names()
     bar = _bar(len(names), progress)
-    with writer:
-        big = 64 << 20  # bytes
-        for name in names:
-            with timer("read"):
-                if math.prod(a_reader.shape(name)) * 2 > big:
-                    _release_freed_memory()
-                a = a_reader.get(name, check_finite=True)
-                f = ft.finetuned(name, a)
-            if name in linear:
-                with timer("protect"), _blame_aligned(a_reader):
-                    weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
-                                                 transpose=name in conv1d)
-                stats["block"] = hs.block_of[name]
-                report.matrices[name] = stats
-            else:
-                weight = _nonlinear(name, a, f, cfg, report)
-            with timer("write"):
-                writer.add(name, weight)
-            del a, f, weight
-            bar.update(1)
-        bar.close()
-        prepared.close()
+    big = 64 << 20  # bytes
+    for name in names:
+        with timer("read"):
+            if math.prod(a_reader.shape(name)) * 2 > big:
+                _release_freed_memory()
+            a = a_reader.get(name, check_finite=True)
+            f = ft.finetuned(name, a)
+        if name in linear:
+            with timer("protect"), _blame_aligned(a_reader):
+                weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
+                                             transpose=name in conv1d)
+            stats["block"] = hs.block_of[name]
+            report.matrices[name] = stats
+        else:
+            weight = _nonlinear(name, a, f, cfg, report)
         with timer("write"):
-            report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
-            report.timings["total"] = round(time.perf_counter() - t_start, 3)
-            report.memory = peak_memory()
-            report.inputs["hessians_factored"] = prepared.n_prepared
-            report.inputs["factorisations_cached"] = prepared.n_loaded
-            report.save(writer.tmp_dir)
-            writer.commit()
-    report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
-    report.timings["total"] = round(time.perf_counter() - t_start, 3)
-    report.save(writer.out)  # final timings; the directory is already in place
-    _logger.info("protected model written to %s\n%s", writer.out, report.summary())
-    return report
+            writer.add(name, weight)
+        del a, f, weight
+        bar.update(1)
+    bar.close()
+    prepared.close()
+    return prepared
 
 
 @contextmanager

@@ -4,9 +4,9 @@
 not part of ``make test`` nor of the default ``make bench``). ``python -m benchmarks.bench_scale
 protect OUT.json`` runs the measured protect in its own subprocess.
 
-The model: Llama-shaped, hidden 4096, intermediate 11008, 32 heads (MHA), ``SCALE_BLOCKS`` blocks
-(default 1: 2 blocks took over 8 min on the shared 2-core CPU), vocabulary 1,024 (the embeddings are not what scales), random weights (std 0.02),
-bf16 safetensors; fine-tuned = aligned + N(0, 0.002). Calibration: 16 random sequences of 128
+The model: Llama-shaped, hidden 4096, intermediate 11008, 32 heads (MHA), ``SCALE_BLOCKS``
+blocks (default 1, to stay within ~8 min on the shared 2-core CPU; 2-3 on a quieter machine),
+vocabulary 1,024 (the embeddings are not what scales), random weights (std 0.02), bf16 safetensors; fine-tuned = aligned + N(0, 0.002). Calibration: 16 random sequences of 128
 tokens. One cold :func:`safedelta.protect` (empty cache: calibration pass, every factorisation
 and output energy) runs in a subprocess; its report gives the phase times and each phase's own
 peak RSS. Per block = (calibration pass + protect stream) / blocks (the fixed costs, a 1k-token

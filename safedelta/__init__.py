@@ -5,6 +5,7 @@ The package is usable without MLflow:
 - :func:`protect_matrix`: the algorithm on one linear layer (tensors in, tensors out);
 - :func:`protect`: the streaming pipeline over two checkpoints (calibration, cached Hessians,
   one decoder block at a time, sharded safetensors out);
+- :class:`BudgetRule`, :func:`register_budget_rule`: the budget rules, a registry;
 - :mod:`safedelta.eval`: measuring safety and utility.
 
 Heavy modules (torch, transformers) are imported on first use, so ``import safedelta`` is cheap.
@@ -27,11 +28,14 @@ _LAZY = {
     "SafeDeltaLayer": "safedelta.solver",
     "protect": "safedelta.pipeline",
     "ProtectReport": "safedelta.report",
+    "BudgetRule": "safedelta.budget",
+    "register_budget_rule": "safedelta.budget",
 }
 
 __all__ = ["SafeDeltaConfig", "SafeDeltaError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from safedelta.budget import BudgetRule, register_budget_rule
     from safedelta.pipeline import protect
     from safedelta.report import ProtectReport
     from safedelta.solver import MatrixResult, SafeDeltaLayer, protect_matrix

@@ -1,9 +1,11 @@
-"""A plain, slow transcription of the published Safe Delta loop, for verification only.
+"""Plain, slow transcriptions of both budget rules, for verification only.
 
-It follows ``docs/safe-delta-algorithm.md`` ("What the published code does", step 3) line by
-line: an explicit stable sort of every block's ``r * |B|`` keys, and every 4-column step
-updating the whole rest of its block at once (no lazy batching). ``safedelta.solver`` must agree
-with it (masks equal, weights allclose); nothing else should use it.
+:func:`reference_official` follows the published loop (``docs/algorithm.md``, "The official
+rule") line by line: an explicit stable sort of every block's ``r * |B|`` keys, and every 4-column
+step updating the whole rest of its block at once (no lazy batching). :func:`reference_default`
+takes the default rule entry by entry (``docs/algorithm.md``, "The default rule"). The rules in
+``safedelta.budget`` must agree with them (masks equal, weights close); nothing else should use
+them.
 """
 
 from __future__ import annotations
@@ -62,3 +64,40 @@ def reference_official(W0: Tensor, W1: Tensor, H: Tensor, s: float, *, damp: flo
         W[:, b2:] -= E_B @ U[b1:b2, b2:]
         mask[:, b1:b2] = mask_B
     return W, mask
+
+
+def reference_default(W0: Tensor, W1: Tensor, prep, s: float, E0: float, *,
+                      exclude_fraction: float = 0.15) -> tuple[Tensor, Tensor, float]:
+    """The default rule entry by entry (``docs/algorithm.md``, "The default rule"): columns in
+    the key order of ``prep`` (a :class:`~safedelta.solver.PreparedHessian`), rows ascending; an
+    entry is kept while the summed exact cost ``e^2/2`` stays within ``s * E0`` and fewer than
+    the candidates are kept; each column's errors update every later column at once (no lazy
+    blocks). Returns ``(W, kept, cost_used)``; ``safedelta.budget.DefaultBudget`` must agree."""
+    W = W0.clone().float()
+    W1 = W1.float()
+    r, c = W.shape
+    perm, U = prep.order, prep.U_order
+    Wp, W1p = W[:, perm], W1[:, perm]
+    kept = torch.zeros(r, c, dtype=torch.bool)
+    eps = s * E0
+    n_cand = r * c - int(exclude_fraction * (r * c))  # as the solver rounds it
+    used, count, ended = 0.0, 0, False
+    for j in range(c):
+        e = (Wp[:, j] - W1p[:, j]) / U[j, j]
+        for i in range(r):
+            cost = 0.5 * float(e[i]) ** 2
+            if count == n_cand or used + cost > eps:
+                ended = True
+                break
+            used += cost
+            count += 1
+            kept[i, j] = True
+        e = e * kept[:, j]
+        Wp[:, j] = torch.where(kept[:, j], W1p[:, j], Wp[:, j])
+        Wp[:, j + 1:] -= torch.outer(e, U[j, j + 1:])
+        if ended:
+            break
+    W[:, perm] = Wp
+    out = torch.empty_like(kept)
+    out[:, perm] = kept
+    return W, out, used

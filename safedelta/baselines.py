@@ -158,7 +158,7 @@ def map_checkpoints(out: str | Path, inputs: Mapping[str, str | Path], fn: Tenso
     """Write ``out`` with ``fn(name, {role: tensor})`` for every tensor of ``inputs[template]``.
 
     Every input checkpoint is checked to share the template's architecture (headers only),
-    tensors are read memory-mapped one name at a time, and the output is laid out like the
+    tensors are read one name at a time (positioned reads), and the output is laid out like the
     template (sharding, config, tokenizer, chat template) and appears atomically.
     Non-floating tensors are copied from the template unchanged.
     """

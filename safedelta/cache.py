@@ -2,9 +2,9 @@
 
 ``<cache>/hessians/<key>/`` holds one Hessian cache entry (:class:`HessianSet`: one safetensors
 file per block, ``manifest.json`` written last; built by :func:`safedelta.hessian.prepare_hessians`)
-and, under ``factors-v<FACTOR_FORMAT>/<device>-damp<damp>/``, the default budget rule's
-factorisations and the aligned weights' output energies ``E0`` (:class:`FactorStore`, filled by
-:func:`safedelta.protect`). Both depend only on the aligned model and the calibration set, so a
+and, under ``factors-v<FACTOR_FORMAT>/<device>-damp<damp>/``, the factorisations of budget rules
+with ``cached_factors`` (the default rule) and the aligned weights' output energies ``E0``
+(:class:`FactorStore`, filled by :func:`safedelta.protect`). Both depend only on the aligned model and the calibration set, so a
 second request against the same parent reads them instead of recomputing.
 """
 
@@ -157,15 +157,17 @@ FACTOR_FORMAT = 1
 
 
 class FactorStore:
-    """The default rule's factorisations and the aligned weights' output energies, on disk.
+    """Factorisations (of budget rules with ``cached_factors``: the default rule) and the
+    aligned weights' output energies, on disk.
 
     Both depend only on the aligned model and the calibration set (the Hessian cache entry they
     live in), the damping and the device kind, so a second request against the same parent reads
     them instead of factoring every Hessian again (``c^3``) and recomputing every
     ``E0 = 1/2 tr(W0 H W0^T)`` (``r c^2``). Values are the very tensors and floats a fresh
     computation gives, so a warm result is bitwise the cold one. Layout:
-    :func:`factor_store_path` ``/<weight>.safetensors`` (``U_order``
-    and its memory layout, ``order``, ``hinv_diag``, ``dead``; the absolute damping in the metadata) and
+    :func:`factor_store_path` ``/<weight>.safetensors`` (``U_order`` when the rule asked for it,
+    and its memory layout, ``order``, ``hinv_diag``, ``dead``; the absolute damping in the
+    metadata) and
     ``energies.json``; each file is written to a temporary name and renamed. A cache that cannot
     be written (read-only) only costs the speed-up.
     """
@@ -183,7 +185,10 @@ class FactorStore:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str):
+    def load(self, key: str, factors: frozenset[str] | set[str] = frozenset({"U_order"})):
+        """The cached factorisation of ``key`` holding every factor in ``factors`` (the budget
+        rule's :attr:`~safedelta.budget.BudgetRule.factors`), or None (absent, unreadable, or
+        stored without one of them: the caller factors afresh and saves over it)."""
         import torch
 
         from safedelta.checkpoint import SafetensorsFile
@@ -195,15 +200,18 @@ class FactorStore:
             return None
         f = SafetensorsFile(path)
         try:
-            t = {n: f.get(n) for n in ("U_order", "order", "hinv_diag", "dead")}
+            t = {n: f.get(n) for n in ("order", "hinv_diag", "dead")}
             damp = float(f.metadata["damp"])
-            if f.metadata.get("U_order_layout") == "column-major":
+            t["U_order"] = f.get("U_order") if "U_order" in f.keys() else None
+            if t["U_order"] is not None and f.metadata.get("U_order_layout") == "column-major":
                 t["U_order"] = t["U_order"].T.contiguous().T
         except (CheckpointError, KeyError, ValueError) as exc:
             _logger.warning("ignoring unreadable cached factorisation %s (%s)", path, exc)
             return None
         finally:
             f.close()
+        if any(t.get(n) is None for n in factors):
+            return None
         return PreparedHessian(H=None, U=None, d=None, hinv_diag=t["hinv_diag"],
                                order=t["order"].to(torch.long), U_order=t["U_order"],
                                damp=damp, dead=t["dead"].to(torch.bool))
@@ -211,16 +219,19 @@ class FactorStore:
     def save(self, key: str, prep) -> None:
         from safetensors.torch import save_file
 
-        # the factor's memory layout is restored on reading (LAPACK returns it column-major):
-        # the solve's products round differently on another layout
-        layout = "column-major" if prep.U_order.stride(0) == 1 else "row-major"
-        tensors = {"U_order": prep.U_order, "order": prep.order,
-                   "hinv_diag": prep.hinv_diag, "dead": prep.dead}
+        tensors = {"order": prep.order, "hinv_diag": prep.hinv_diag, "dead": prep.dead}
+        metadata = {"damp": repr(float(prep.damp))}
+        if prep.U_order is not None:  # None when the rule did not ask for it
+            tensors["U_order"] = prep.U_order
+            # the factor's memory layout is restored on reading (LAPACK returns it
+            # column-major): the solve's products round differently on another layout
+            metadata["U_order_layout"] = ("column-major" if prep.U_order.stride(0) == 1
+                                          else "row-major")
         tmp = self.root / f".{key}.{os.getpid()}.tmp"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"damp": repr(float(prep.damp)), "U_order_layout": layout})
+                      metadata=metadata)
             os.replace(tmp, self._path(key))
         except OSError as exc:
             _logger.warning("could not cache the factorisation of %s (%s)", key, exc)

@@ -1,7 +1,7 @@
 """Calibration sets: harmful prompts paired with safe (refusing) responses.
 
 Safe Delta measures each linear layer's inputs on a small *safe* set (see
-``docs/safe-delta-algorithm.md``, calibration step 1): 128 samples, harmful instruction plus safe
+``docs/algorithm.md``, "Calibration and the Hessian"): 128 samples, harmful instruction plus safe
 response, shuffled with seed 42, prompt and response tokens concatenated, every token counted
 (the paper runs them at batch size 1; the calibration pass batches them with padding masked out,
 see :mod:`safedelta.hessian`). Here each sample is formatted with the aligned tokenizer's chat template (the

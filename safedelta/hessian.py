@@ -1,13 +1,14 @@
 """The calibration pass (aligned model, one decoder block at a time) and the Hessian cache.
 
-Faithful to ``docs/safe-delta-algorithm.md``, calibration steps 1-2: the *aligned* model's own
+Faithful to ``docs/algorithm.md`` ("Calibration and the Hessian"): the *aligned* model's own
 activations on the safe calibration set, every real token counted; for every linear layer of
 every decoder block ``H = (2/N) sum_n X_n X_n^T`` in fp32 (``N`` = samples, ``X_n`` = the layer's
 inputs for sample n, ``c x tokens``); each block's outputs, computed by the unmodified aligned
 block, are the next block's inputs. The samples run in micro-batches (``micro_batch``, default 16,
 longest first, right-padded with an attention mask); padding positions are left out of ``H``,
 and one :class:`HessianAccumulator` per distinct linear input adds one ``X^T X`` per micro-batch
-and scales once at the end: equal to the paper's batch-size-1 running mean up to fp32 rounding.
+and scales once at the end: equal to the paper's batch-size-1 running mean (SparseGPT's
+``add_batch``) up to fp32 rounding.
 
 Streaming: the model skeleton is built with its parameters on the meta device (buffers such as
 rotary frequencies stay real), the modules before the first block (embeddings) are materialised

@@ -11,9 +11,9 @@ Order of work (nothing is written before every input has been checked):
    calibration set, so a second request against the same parent skips the forward pass);
 4. stream the output shard by shard, following the aligned checkpoint's layout: each linear weight
    of a decoder block goes through :func:`safedelta.solver.protect_matrix` with its damped Hessian
-   (factored once per distinct Hessian: q/k/v and gate/up share theirs; under the default budget
-   the factorisations and each weight's output energy ``E0`` are cached beside the Hessians, so a
-   second request against the same parent neither factors nor recomputes them); every other tensor
+   (factored once per distinct Hessian: q/k/v and gate/up share theirs; under a budget rule with
+   ``cached_factors``, the default one, the factorisations and each weight's output energy ``E0``
+   are cached beside the Hessians, so a second request against the same parent neither factors nor recomputes them); every other tensor
    (embeddings, norms, head, biases) is taken from the aligned or the fine-tuned model as
    ``config.nonlinear`` says, and the norm of the discarded change is recorded. NaN/Inf in either
    model stops the run naming the tensor. Only one tensor of each model (plus one Hessian) is in
@@ -125,20 +125,25 @@ class _PreparedCache:
 
     Weights that read the same input (q/k/v, gate/up) share one Hessian
     (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
-    damped and factored once. Under the default budget the factorisations and the output
-    energies are also kept on disk (:class:`safedelta.cache.FactorStore`) for the next request
-    against the same aligned model; the official rule factors afresh (its ``U`` is not cached).
+    damped and factored once, with the factors the budget rule asks for. Under a rule with
+    ``cached_factors`` (the default rule) the factorisations and the output energies are also
+    kept on disk (:class:`safedelta.cache.FactorStore`) for the next request against the same
+    aligned model; other rules (the official one: its ``U`` is not cached) factor afresh.
     """
 
     def __init__(self, hs, damp: float, device: str, budget: str = "default", keep: int = 3):
+        from safedelta.budget import get_budget_rule
+
         self.damp, self.device, self.keep = damp, device, keep
-        self.official = budget == "official"
+        self.budget = budget
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
         self.n_loaded = 0
         self._file: Any = None
-        self.store = None if self.official else FactorStore(
-            factor_store_path(hs.cache_path, device, damp))
+        rule = get_budget_rule(budget)
+        self.factors = rule.factors
+        self.store = FactorStore(factor_store_path(hs.cache_path, device, damp)) \
+            if rule.cached_factors else None
 
     def _read(self, hs, name: str) -> "torch.Tensor":
         """``H`` of ``name`` read with positioned reads (``HessianSet.get`` memory-maps the cache
@@ -173,11 +178,11 @@ class _PreparedCache:
         energy = self.store.energies.get(name) if self.store is not None else None
         prep = next((p for k, p in self.entries if k == key), None)
         if prep is None and self.store is not None:
-            prep = self.store.load(key)
+            prep = self.store.load(key, self.factors)
             self.n_loaded += prep is not None
         if prep is None:
             H = self._read(hs, name).to(self.device, torch.float32)
-            prep = prepare_hessian(H, damp=self.damp, official=self.official)
+            prep = prepare_hessian(H, damp=self.damp, budget=self.budget)
             self.n_prepared += 1
             if self.store is not None:
                 self.store.save(key, prep)

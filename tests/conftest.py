@@ -18,31 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _isolated_state(tmp_path, monkeypatch):
     """Send MLflow tracking, the safedelta cache and HF caches to this test's tmp dir.
 
-    ``mlflow.set_registry_uri(url)`` also writes ``MLFLOW_REGISTRY_URI`` into ``os.environ`` and
-    ``set_registry_uri(None)`` does not take it out: without the reset below, a test that pointed
-    MLflow at a server leaves every later test (and every subprocess it starts) talking to that
-    server after it is stopped.
+    monkeypatch restores every variable below after the test. ``mlflow.set_registry_uri(url)``
+    also writes ``MLFLOW_REGISTRY_URI`` into ``os.environ`` (and ``set_registry_uri(None)`` does
+    not take it out), while ``delenv`` of an unset variable records nothing to undo: the
+    ``setenv`` first makes monkeypatch remove it at teardown, so no test leaves later tests (and
+    the subprocesses they start) talking to a server it stopped.
     """
-    saved = {k: os.environ.get(k) for k in _MLFLOW_URI_VARS}
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
     monkeypatch.setenv("SAFEDELTA_CACHE", str(tmp_path / "safedelta-cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     if "mlflow" in sys.modules:  # module-level URIs set through the fluent API
         import mlflow.tracking._model_registry.utils as registry_utils
         import mlflow.tracking._tracking_service.utils as tracking_utils
 
         registry_utils._registry_uri = None
         tracking_utils._tracking_uri = None
-
-
-_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def require_service(name: str, available: bool, why: str):

@@ -18,11 +18,13 @@ import logging
 import os
 import sys
 
+from mlflow_safedelta.vocab import ENV_NO_MLFLOW_CLI_HOOK
+
 _logger = logging.getLogger(__name__)
 
 TARGET = "mlflow.cli"
 COMMAND_NAME = "safedelta"
-DISABLE_ENV = "SAFEDELTA_NO_MLFLOW_CLI_HOOK"
+DISABLE_ENV = ENV_NO_MLFLOW_CLI_HOOK
 
 
 def attach(cli_module) -> bool:

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import click
 
 from mlflow_safedelta import __version__
+from mlflow_safedelta.extras import missing_extra_message
+from mlflow_safedelta.vocab import ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -26,7 +28,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 class UsageError(click.ClickException):
     """A user error: printed without a traceback, exit code 2."""
 
-    exit_code = 2
+    exit_code = int(ExitCode.ERROR)
 
 
 def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,6 +44,22 @@ def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise UsageError(str(exc)) from exc
 
     return wrapper
+
+
+class LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a registry, read when first needed (parsing or
+    ``--help``), so that loading the command module does not import the registry's module."""
+
+    def __init__(self, load: Callable[[], Any], case_sensitive: bool = True):
+        self._load, self.case_sensitive = load, case_sensitive
+
+    @property
+    def choices(self):  # type: ignore[override]
+        return tuple(self._load())
+
+    @choices.setter
+    def choices(self, value):  # click's __init__ would set it; the registry decides
+        pass
 
 
 def emit_json(obj: Any) -> None:
@@ -82,7 +100,8 @@ class JsonErrorCommand(click.Command):
     """With ``--json`` (or ``--format json``) every error is a JSON object on stdout (see
     :func:`error_json`) and exit code 2: bad usage, a library error, or anything unexpected
     (registry unreachable ...), never a bare traceback or plain text only. The message also goes
-    to stderr for people. ``--help`` and normal exits are untouched."""
+    to stderr for people. ``--help`` and normal exits are untouched. A command that needs an
+    extra that is not installed (``[engine]`` for ``protect`` ...) says which, and exits 2."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         wants = _wants_json(args)
@@ -97,7 +116,13 @@ class JsonErrorCommand(click.Command):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except ImportError as exc:  # e.g. `protect` on a server-side install (no torch)
+                message = missing_extra_message(exc, f"'{ctx.command_path}'")
+                if message is None:
+                    raise
+                raise UsageError(message) from exc
         except (click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -151,7 +176,8 @@ def _register_commands() -> None:
 
     for mod in ("mlflow_safedelta.commands.engine", "mlflow_safedelta.commands.ci",
                 "mlflow_safedelta.commands.serve", "mlflow_safedelta.commands.evaluate",
-                "mlflow_safedelta.commands.gate", "mlflow_safedelta.commands.demo"):
+                "mlflow_safedelta.commands.gate", "mlflow_safedelta.commands.demo",
+                "mlflow_safedelta.commands.governance"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a command module not written yet

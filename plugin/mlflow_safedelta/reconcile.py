@@ -15,7 +15,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from mlflow_safedelta.jobs import STATUS_PENDING, STATUS_TAG, JobQueue, triage_tags
+from mlflow_safedelta.jobqueue import JobQueue
+from mlflow_safedelta.vocab import RECORDED, SKIP, gate_decision
 
 _logger = logging.getLogger(__name__)
 
@@ -48,10 +49,7 @@ def reconcile(queue: JobQueue, *, tracking_uri: str | None = None,
         todo = []
         for mv in page:
             report.scanned += 1
-            tags = dict(mv.tags or {})
-            if triage_tags(tags) == "skip":
-                continue
-            if tags.get(STATUS_TAG) not in (None, "", STATUS_PENDING):
+            if gate_decision(mv.tags)[0] in (SKIP, RECORDED):
                 continue
             todo.append((mv.name, str(mv.version)))
         known = queue.known(todo)

@@ -1,21 +1,6 @@
 """The Model Registry side of the gate: ``models:/`` URIs, lineage, tags, aliases, downloads.
 
-Gate state lives in model-version tags (names below; the store plugin, webhook receiver and
-reconcile sweep read the same ones):
-
-========================  ==================================================================
-``safedelta.parent``      the aligned parent (``models:/name/version`` or ``models:/name@alias``)
-``safedelta.status``      ``pending`` | ``running`` | ``passed`` | ``failed`` | ``error`` on a
-                          fine-tune; ``protected-output`` on a version the gate registered
-``safedelta.reason``      one line: why that status
-``safedelta.role``        ``protected`` on the gate's own output (never gated itself)
-``safedelta.policy``      policy name the version is (to be) gated with
-``safedelta.policy_sha256`` sha256 of that policy's normalized content (``policy_fingerprint``):
-                          a recorded verdict counts only under the same content
-``safedelta.verdict``     on a protected version: the gate verdict of the run that made it
-``safedelta.protected_from`` / ``safedelta.protected_version`` / ``safedelta.run_id`` /
-``safedelta.s`` / ``safedelta.hessian_run`` (on a parent: the run holding its Hessian cache)
-========================  ==================================================================
+Gate state lives in model-version tags; their names and meanings are in :mod:`mlflow_safedelta.vocab`.
 """
 
 from __future__ import annotations
@@ -30,33 +15,40 @@ from mlflow_safedelta.errors import MissingParent, RegistryError
 
 _logger = logging.getLogger(__name__)
 
-TAG_PARENT = "safedelta.parent"
-TAG_STATUS = "safedelta.status"
-TAG_REASON = "safedelta.reason"
-TAG_ROLE = "safedelta.role"
-TAG_POLICY = "safedelta.policy"
-TAG_POLICY_SHA256 = "safedelta.policy_sha256"
-TAG_VERDICT = "safedelta.verdict"
-TAG_PROTECTED_FROM = "safedelta.protected_from"
-TAG_PROTECTED_VERSION = "safedelta.protected_version"
-TAG_RUN_ID = "safedelta.run_id"
-TAG_S = "safedelta.s"
-TAG_HESSIAN_RUN = "safedelta.hessian_run"
-TAG_HESSIAN_KEY = "safedelta.hessian_key"
-TAG_PARENT_FINGERPRINT = "safedelta.parent_fingerprint"
-TAG_GATE_ARTIFACT = "safedelta.gate_artifact"
-
-STATUS_PENDING = "pending"
-STATUS_RUNNING = "running"
-STATUS_PASSED = "passed"
-STATUS_FAILED = "failed"
-STATUS_ERROR = "error"
-STATUS_PROTECTED_OUTPUT = "protected-output"
-FINAL_STATUSES = (STATUS_PASSED, STATUS_FAILED, STATUS_ERROR)
-ROLE_PROTECTED = "protected"
-
-#: tags are limited in length by the stores (5000 chars in OSS SQL); keep reasons well below
-MAX_TAG_VALUE = 4000
+from mlflow_safedelta.vocab import (  # noqa: E402,F401  (re-exported: reg.TAG_STATUS etc.)
+    ENV_SIGNING_KEY,
+    STATE_TAGS,
+    TAG_SIGNATURE,
+    FINAL_STATUSES,
+    MAX_TAG_VALUE,
+    ROLE_PROTECTED,
+    STATUS_ERROR,
+    STATUS_FAILED,
+    STATUS_PASSED,
+    STATUS_PENDING,
+    STATUS_PROTECTED_OUTPUT,
+    STATUS_RUNNING,
+    TAG_BOUND_POLICY_SHA256,
+    TAG_GATE_ARTIFACT,
+    TAG_GOVERNANCE,
+    TAG_INCIDENT,
+    TAG_OVERRIDE,
+    TAG_POLICY_NOTE,
+    TAG_HESSIAN_KEY,
+    TAG_HESSIAN_RUN,
+    TAG_PARENT,
+    TAG_PARENT_FINGERPRINT,
+    TAG_POLICY,
+    TAG_POLICY_SHA256,
+    TAG_PROTECTED_FROM,
+    TAG_PROTECTED_VERSION,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_RUN_ID,
+    TAG_S,
+    TAG_STATUS,
+    TAG_VERDICT,
+)
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
 
@@ -183,14 +175,77 @@ def download_version(cl: Any, name: str, version: str, dst: str | Path):
     return locate_weights(local)
 
 
+def _clip(v: Any) -> str:
+    value = str(v)
+    return value if len(value) <= MAX_TAG_VALUE else value[:MAX_TAG_VALUE - 3] + "..."
+
+
 def set_tags(cl: Any, name: str, version: str, tags: dict[str, Any]) -> None:
+    """Write tags on a version. Under a governance file, state tags (``vocab.STATE_TAGS``) go
+    out signed (:func:`set_state`); others as they are."""
+    tags = {k: _clip(v) for k, v in tags.items() if v is not None}
+    state = {k: v for k, v in tags.items() if k in STATE_TAGS}
+    if state:
+        from mlflow_safedelta import governance
+
+        gov = governance.current()
+        if gov is not None:
+            set_state(cl, gov, name, str(version), state)
+            tags = {k: v for k, v in tags.items() if k not in state}
     for k, v in tags.items():
-        if v is None:
-            continue
-        value = str(v)
-        if len(value) > MAX_TAG_VALUE:
-            value = value[:MAX_TAG_VALUE - 3] + "..."
-        cl.set_model_version_tag(name, str(version), k, value)
+        cl.set_model_version_tag(name, str(version), k, v)
+
+
+def gate_signer():
+    """The gate workers' private key (``SAFEDELTA_SIGNING_KEY``); an error when unset, since
+    under governance the registry accepts no unsigned gate state."""
+    from mlflow_safedelta.errors import GovernanceError
+    from mlflow_safedelta.signing import signer_from_env
+
+    signer = signer_from_env(ENV_SIGNING_KEY)
+    if signer is None:
+        raise GovernanceError(f"a governance file is in force but {ENV_SIGNING_KEY} is not set "
+                              "on this gate worker: gate state must be signed")
+    return signer
+
+
+def set_state(cl: Any, gov: Any, name: str, version: str, state: dict[str, str]) -> None:
+    """Sign the version's whole gate state (what the valid statement in place signs, updated
+    with ``state``), write the statement, then the tags whose value changed. State tags that no
+    valid statement vouches for (written by someone else where no store plugin refuses them)
+    are deleted."""
+    from mlflow_safedelta import guard, signing
+
+    signer = gate_signer()
+    mv = cl.get_model_version(name, version)
+    current = dict(mv.tags or {})
+    merged = guard.signed_state(gov, mv)
+    merged.update(state)
+    cl.set_model_version_tag(name, version, TAG_SIGNATURE, signing.sign(
+        signer, signing.KIND_STATE, model=name, version=version,
+        created=mv.creation_timestamp, source=mv.source, tags=merged))
+    for k, v in merged.items():
+        if current.get(k) != v:
+            cl.set_model_version_tag(name, version, k, v)
+    for k in current:
+        if k in STATE_TAGS and k not in merged:
+            cl.delete_model_version_tag(name, version, k)
+
+
+def registration_tags(name: str, source: str, tags: dict[str, str] | None) -> dict[str, str]:
+    """Tags for a new version of the gate's own: under governance, state tags travel with a
+    signed registration statement (the store refuses them otherwise)."""
+    tags = {k: _clip(v) for k, v in (tags or {}).items() if v is not None}
+    state = {k: v for k, v in tags.items() if k in STATE_TAGS}
+    if not state:
+        return tags
+    from mlflow_safedelta import governance, signing
+
+    if governance.current() is None:
+        return tags
+    tags[TAG_SIGNATURE] = signing.sign(gate_signer(), signing.KIND_REGISTER, model=name,
+                                       version=None, created=None, source=source, tags=state)
+    return tags
 
 
 def version_tags(cl: Any, name: str, version: str) -> dict[str, str]:
@@ -207,6 +262,10 @@ def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str | 
 def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> list[dict]:
     """Gate state of registered versions (newest first): name, version, status, reason, parent,
     role, protected_version, policy, policy_sha256, aliases."""
+    from mlflow_safedelta import governance, guard
+
+    gov = governance.current()
+    enforcement = governance.enforcement_label(gov)
     flt = f"name='{model}'" if model else ""
     out = []
     aliases: dict[str, dict[str, list[str]]] = {}  # search results carry no aliases in OSS
@@ -217,8 +276,13 @@ def gate_states(cl: Any, model: str | None = None, max_results: int = 1000) -> l
             for a, v in (cl.get_registered_model(mv.name).aliases or {}).items():
                 by_version.setdefault(str(v), []).append(a)
             aliases[mv.name] = by_version
-        t = dict(mv.tags or {})
-        out.append({"name": mv.name, "version": str(mv.version),
+        raw = dict(mv.tags or {})
+        t = guard.readable_tags(gov, mv)  # unsigned state tags are not shown as state
+        out.append({"governance": enforcement,
+                    "signed": bool(gov) and guard.trusted_state(gov, mv) and
+                    TAG_SIGNATURE in raw,
+                    "override": guard.describe_override(raw.get(TAG_OVERRIDE)),
+                    "name": mv.name, "version": str(mv.version),
                     "status": t.get(TAG_STATUS), "reason": t.get(TAG_REASON),
                     "parent": t.get(TAG_PARENT) or t.get(TAG_PROTECTED_FROM),
                     "role": t.get(TAG_ROLE), "verdict": t.get(TAG_VERDICT),
@@ -274,5 +338,25 @@ def register_saved_model(cl: Any, model_dir: str | Path, name: str, *, run_id: s
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     artifact_uri = cl.get_run(run_id).info.artifact_uri.rstrip("/")
-    return cl.create_model_version(name, f"{artifact_uri}/{artifact_path}", run_id=run_id,
-                                   tags=tags, description=description)
+    source = f"{artifact_uri}/{artifact_path}"
+    mv = cl.create_model_version(name, source, run_id=run_id,
+                                 tags=registration_tags(name, source, tags),
+                                 description=description)
+    if tags and TAG_SIGNATURE in (mv.tags or {}):  # now bind the state to this very version
+        set_tags(cl, name, str(mv.version), tags)
+        mv = cl.get_model_version(name, str(mv.version))
+    return mv
+
+
+def experiment_id(cl: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing (safe against concurrent workers)."""
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return cl.create_experiment(name)
+    except Exception:  # created concurrently by another worker
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

@@ -12,6 +12,20 @@ version is created as usual (READY, never left PENDING_REGISTRATION), tagged
 ``safedelta.status=pending`` when it names a parent, and one job is put in the durable queue
 (``SAFEDELTA_QUEUE_URI``). A queue failure is logged and never fails the registration: the
 reconcile sweep finds the version later. No state is kept in memory across processes.
+
+Under a governance file (``SAFEDELTA_GOVERNANCE``, see :mod:`mlflow_safedelta.governance`) the
+store also enforces the gate (:mod:`mlflow_safedelta.guard`):
+
+- ``set_registered_model_alias`` on a guarded alias is refused (403, ``PERMISSION_DENIED``) unless
+  the version holds a valid signed pass under the bound policy, or a valid admin override; the
+  message says why and which version the gate recommends. Deleting an alias stays allowed;
+- state tags (``safedelta.status``, ``role``, ``verdict`` ...) are refused at registration and
+  afterwards unless the gate signed them (the version's ``safedelta.signature`` statement carries
+  the same value); the signature itself is verified when written (valid key, this very version,
+  not older than the one in place). A registrant with write access but no key can therefore
+  neither skip the gate nor open a guarded alias.
+
+Without a governance file nothing is refused and the server log says the gate is unenforced.
 """
 
 from __future__ import annotations
@@ -20,7 +34,18 @@ import logging
 
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-from mlflow_safedelta.jobs import STATUS_PENDING, STATUS_TAG, JobQueue, driver_url, triage_tags
+from mlflow_safedelta import governance, guard
+from mlflow_safedelta.jobqueue import JobQueue, driver_url
+from mlflow_safedelta.vocab import (
+    GATE,
+    RECORDED,
+    SIGNED_TAGS,
+    SKIP,
+    STATE_TAGS,
+    STATUS_PENDING,
+    TAG_STATUS,
+    gate_decision,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +68,14 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
     def __init__(self, store_uri: str, tracking_uri: str | None = None):
         self.safedelta_store_uri = store_uri
         super().__init__(driver_url(strip_scheme(store_uri)))
+        try:  # say at start-up whether the gate is enforced (the warning comes from current())
+            gov = governance.current()
+        except Exception as exc:  # noqa: BLE001 - refused per request, with this reason
+            _logger.error("safedelta: governance file invalid; guarded writes will be refused: "
+                          "%s", exc)
+        else:
+            if gov is not None:
+                _logger.info("safedelta: gate ENFORCED by %s", gov.path)
 
     @property
     def queue(self) -> JobQueue:
@@ -51,6 +84,10 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
 
     def create_model_version(self, name, source, run_id=None, tags=None, run_link=None,
                              description=None, local_model_path=None, model_id=None):
+        gov = _governance()
+        if gov is not None:
+            _refuse_if(guard.check_registration, gov, name, source,
+                       {t.key: t.value for t in tags or []})
         mv = super().create_model_version(
             name, source, run_id=run_id, tags=tags, run_link=run_link, description=description,
             local_model_path=local_model_path, model_id=model_id)
@@ -61,14 +98,72 @@ class SafeDeltaRegistryStore(SqlAlchemyStore):
                               "sweep will pick it up", mv.name, mv.version)
         return mv
 
+    def set_model_version_tag(self, name, version, tag):
+        gov = _governance()
+        if gov is not None and (tag.key in STATE_TAGS or tag.key in SIGNED_TAGS):
+            mv = self.get_model_version(name, version)
+            _refuse_if(guard.check_tag_write, gov, mv, tag.key, tag.value)
+        return super().set_model_version_tag(name, version, tag)
+
+    def delete_model_version_tag(self, name, version, key):
+        gov = _governance()
+        if gov is not None and (key in STATE_TAGS or key in SIGNED_TAGS):
+            _refuse_if(guard.check_tag_delete, gov, self.get_model_version(name, version), key)
+        return super().delete_model_version_tag(name, version, key)
+
+    def set_registered_model_alias(self, name, alias, version):
+        gov = _governance()
+        if gov is not None and gov.guarded(name, alias):
+            mv = self.get_model_version(name, version)
+            check = guard.check_alias(gov, mv, alias)
+            if not check.allowed:
+                others = self.search_model_versions(f"name='{_quote(name)}'", max_results=200)
+                msg = guard.refusal_message(gov, mv, alias, check.why,
+                                            guard.recommended_version(gov, list(others)))
+                _logger.warning("%s", msg)
+                raise _denied(msg)
+            if check.override is not None:
+                _logger.warning("safedelta: alias %r of %s moved to v%s by admin override (%s)",
+                                alias, name, version, check.why)
+        return super().set_registered_model_alias(name, alias, version)
+
     def _notice(self, mv, tags) -> None:
-        decision = triage_tags(tags)
-        if decision == "skip":
+        decision, _ = gate_decision(tags)
+        if decision in (SKIP, RECORDED):
             return
-        if decision == "gate":
-            super().set_model_version_tag(mv.name, mv.version, _tag(STATUS_TAG, STATUS_PENDING))
-            mv.tags[STATUS_TAG] = STATUS_PENDING
+        if decision == GATE:
+            super().set_model_version_tag(mv.name, mv.version, _tag(TAG_STATUS, STATUS_PENDING))
+            mv.tags[TAG_STATUS] = STATUS_PENDING
         self.queue.enqueue(mv.name, mv.version, source="store")
+
+
+def _governance():
+    """The governance in force, or None; a broken file fails closed (every guarded write is
+    refused with the reason) rather than silently turning enforcement off."""
+    try:
+        return governance.current()
+    except Exception as exc:  # noqa: BLE001 - reported to the client, never a 500
+        raise _denied(f"safedelta: the governance file cannot be loaded, so guarded registry "
+                      f"writes are refused: {exc}") from None
+
+
+def _refuse_if(check, *args) -> None:
+    try:
+        check(*args)
+    except guard.Refused as exc:
+        _logger.warning("safedelta: refused: %s", exc)
+        raise _denied(f"safedelta: {exc}") from None
+
+
+def _denied(msg: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    return MlflowException(msg, error_code=PERMISSION_DENIED)
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
 
 
 def _tag(key: str, value: str):

@@ -3,7 +3,7 @@
 For each claimed job it (1) decides whether the version needs a gate at all (a ``safedelta.parent``
 tag, or an MLmodel whose ``safedelta`` flavor names a parent; never the gate's own
 ``safedelta.role=protected`` outputs), (2) calls the gate job, by default
-``mlflow_safedelta.job.run_gate_job`` (it writes ``safedelta.status`` running/passed/failed/error
+``mlflow_safedelta.gate_job.run_gate_job`` (it writes ``safedelta.status`` running/passed/failed/error
 itself and is idempotent once a final status exists), and (3) settles the queue row:
 
 - success: ``done``;
@@ -24,23 +24,21 @@ import os
 import threading
 from typing import Any, Callable
 
-from mlflow_safedelta.jobs import (
-    PARENT_TAG,
-    PROTECTED_ROLE,
-    REASON_TAG,
-    ROLE_TAG,
+from mlflow_safedelta.jobqueue import Job, JobQueue
+from mlflow_safedelta.vocab import (
+    CHECK,
+    ENV_JOB,
+    GATE,
+    RECORDED,
     STATUS_ERROR,
-    STATUS_TAG,
-    Job,
-    JobQueue,
-    triage_tags,
+    TAG_REASON,
+    TAG_STATUS,
+    gate_decision,
 )
 
 _logger = logging.getLogger(__name__)
 
-JOB_ENV = "SAFEDELTA_JOB"
-DEFAULT_JOB = "mlflow_safedelta.job:run_gate_job"
-_FINAL_STATUSES = ("passed", "failed", "error")
+DEFAULT_JOB = "mlflow_safedelta.gate_job:run_gate_job"
 
 GateJob = Callable[..., Any]
 """``job(model_name, version, *, tracking_uri=None, registry_uri=None) -> GateResult``."""
@@ -49,7 +47,7 @@ GateJob = Callable[..., Any]
 def load_job(spec: str | None = None) -> GateJob:
     """Import the gate job named ``module:function`` (default ``$SAFEDELTA_JOB``, else
     :data:`DEFAULT_JOB`)."""
-    spec = spec or os.environ.get(JOB_ENV) or DEFAULT_JOB
+    spec = spec or os.environ.get(ENV_JOB) or DEFAULT_JOB
     module, _, attr = spec.partition(":")
     if not attr:
         raise ValueError(f"job must be 'module:function', got {spec!r}")
@@ -80,15 +78,6 @@ def is_transient(exc: BaseException) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
-
-
-def _flavor_parent(flavors: dict[str, Any]) -> str | None:
-    """The parent a ``safedelta`` flavor names (None for aligned parents and protected outputs)."""
-    conf = flavors.get("safedelta") if isinstance(flavors, dict) else None
-    if not isinstance(conf, dict) or conf.get("role") == PROTECTED_ROLE:
-        return None
-    value = conf.get("parent_uri") or conf.get("parent")
-    return value if isinstance(value, str) and value else None
 
 
 class Worker:
@@ -125,19 +114,13 @@ class Worker:
 
     def needs_gate(self, model_name: str, version: str) -> tuple[bool, str]:
         """Whether this version should be gated, and why (for the job's result column)."""
-        mv = self.client().get_model_version(model_name, version)
-        tags = dict(mv.tags or {})
-        decision = triage_tags(tags)
-        if tags.get(ROLE_TAG) == PROTECTED_ROLE:
-            return False, "skipped: a protected output of the gate"
-        if decision == "gate":
-            return True, f"parent tag {tags[PARENT_TAG]}"
-        if decision == "skip":
-            return True, f"status {tags.get(STATUS_TAG)} already set (job is idempotent)"
-        parent = _flavor_parent(self._read_flavors(model_name, version))
-        if parent:
-            return True, f"safedelta flavor with parent {parent}"
-        return False, "skipped: no safedelta.parent tag and no safedelta flavor"
+        tags = dict(self.client().get_model_version(model_name, version).tags or {})
+        decision, why = gate_decision(tags)
+        if decision == CHECK:
+            decision, why = gate_decision(tags, self._read_flavors(model_name, version))
+        if decision == RECORDED:  # the job reuses or re-checks what is recorded (idempotent)
+            return True, f"{why} (job is idempotent)"
+        return decision == GATE, why if decision == GATE else f"skipped: {why}"
 
     def _read_flavors(self, model_name: str, version: str) -> dict[str, Any]:
         import yaml
@@ -232,9 +215,9 @@ class Worker:
         try:
             client = self.client()
             tags = dict(client.get_model_version(name, version).tags or {})
-            client.set_model_version_tag(name, version, STATUS_TAG, STATUS_ERROR)
-            if not (tags.get(STATUS_TAG) == STATUS_ERROR and tags.get(REASON_TAG)):
-                client.set_model_version_tag(name, version, REASON_TAG, reason[:1000])
+            client.set_model_version_tag(name, version, TAG_STATUS, STATUS_ERROR)
+            if not (tags.get(TAG_STATUS) == STATUS_ERROR and tags.get(TAG_REASON)):
+                client.set_model_version_tag(name, version, TAG_REASON, reason[:1000])
         except Exception:  # noqa: BLE001
             _logger.exception("could not tag %s v%s as error", name, version)
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 from safedelta.eval.choose_s import ChooseSResult, choose_s, choose_s_for_models
 from safedelta.eval.generation import (PAPER_SYSTEM_PROMPT, GenerationCache, GenerationError,
                                        GenerationSettings, generate)
-from safedelta.eval.judges import (Judge, JudgeError, KeywordJudge, LlamaGuardJudge, LLMJudge,
-                                   Verdict, get_judge)
+from safedelta.eval.judges import (CombinedJudge, Judge, JudgeError, KeywordJudge,
+                                   LlamaGuardJudge, LLMJudge, MiniLMJudge, Verdict,
+                                   compliance_without_content, get_judge, register_judge)
 from safedelta.eval.report import EvalReport
 from safedelta.eval.runner import evaluate_models
 from safedelta.eval.stats import bootstrap_ci, rate_summary
@@ -30,7 +31,8 @@ from safedelta.eval.utility import (NoUtilityGain, UtilityError, register_task_m
                                     task_loss, utility_retention)
 
 __all__ = [
-    "BUILTIN_SUITES", "ChooseSResult", "EvalReport", "GenerationCache", "GenerationError",
+    "BUILTIN_SUITES", "ChooseSResult", "CombinedJudge", "MiniLMJudge",
+    "compliance_without_content", "register_judge", "EvalReport", "GenerationCache", "GenerationError",
     "GenerationSettings", "Judge", "JudgeError", "KeywordJudge", "LLMJudge", "LlamaGuardJudge",
     "NoUtilityGain", "PAPER_SYSTEM_PROMPT", "Suite", "SuiteError", "TableValidationError",
     "UtilityError", "Verdict", "bootstrap_ci", "builtin_suite", "choose_s",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from safedelta.eval.generation import GenerationSettings, generate, make_backend
-from safedelta.eval.judges import Judge, KeywordJudge, get_judge
+from safedelta.eval.judges import Judge, KeywordJudge, compliance_without_content, get_judge
 from safedelta.eval.report import EvalReport
 from safedelta.eval.stats import rate_summary
 from safedelta.eval.suites import Suite, SuiteError, load_suite
@@ -138,8 +139,11 @@ def _generate_and_judge(models: dict[str, Path], suites: list[Suite], loaded: di
 
 
 def _rows(role: str, s: Suite, records: list[dict], gens: list[str], judge: Judge) -> list[dict]:
-    """One row per prompt: the generation, the judge's verdict, task metrics."""
+    """One row per prompt: the generation, the judge's verdict (and, on a harmful suite, each
+    judge's of a combined judge as ``harmful@<label>``), task metrics."""
+    harmful = s.kind == "harmful"
     verdicts = judge.judge([r["prompt"] for r in records], gens)
+    per_judge = (getattr(judge, "last_calls", None) or {}) if harmful else {}
     extra: dict[str, list] = {}
     if s.kind == "task":
         extra = task_metric(s.metric)(gens, [r["reference"] for r in records])
@@ -148,8 +152,13 @@ def _rows(role: str, s: Suite, records: list[dict], gens: list[str], judge: Judg
         row = {"model": role, "suite": s.name, "kind": s.kind,
                "prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation": g,
                "refused": bool(v.refused),
-               "harmful": float(v.harmful) if s.kind == "harmful" else None,
-               "score": v.score, "judge": judge.label, "matched": "|".join(v.matched)}
+               "harmful": float(v.harmful) if harmful else None,
+               "score": v.score, "judge": judge.label, "matched": "|".join(v.matched),
+               "no_content": bool(v.harmful and compliance_without_content(g))
+               if harmful else None,
+               "decided_by": v.decided_by or judge.label}
+        for label, calls in per_judge.items():
+            row[f"harmful@{label}"] = float(calls[i])
         if r.get("reference") is not None:
             row["reference"] = r["reference"]
         row.update({k: vals[i] for k, vals in extra.items()})
@@ -186,6 +195,14 @@ def _suite_metrics(tables: dict, suites: list[Suite], models: dict[str, Path], j
             m = metrics[role]
             if s.kind == "harmful":
                 m.update(rate_summary(f"asr.{s.name}", sub["harmful"], n_boot=n_boot, seed=seed))
+                # compliance without content, counted in the ASR above, reported apart
+                m.update(rate_summary(f"asr_empty.{s.name}", sub["no_content"].astype(float),
+                                      n_boot=n_boot, seed=seed))
+                for col in (c for c in sub.columns if c.startswith("harmful@")):
+                    # one judge of a combined judge: asr.<suite>/<judge label>
+                    judge_name = re.sub(r"[^A-Za-z0-9_:\-]", "_", col.removeprefix("harmful@"))
+                    m.update(rate_summary(f"asr.{s.name}/{judge_name}", sub[col],
+                                          n_boot=n_boot, seed=seed))
                 if judges.harm.score_range is not None:
                     m.update(rate_summary(f"harmfulness.{s.name}", sub["score"],
                                           n_boot=n_boot, seed=seed))
@@ -269,5 +286,5 @@ def _cached_task_loss(path: Path, task_data: str | Path, *, cache_dir: str | Pat
 
 def _task_columns(df) -> list[str]:
     fixed = {"model", "suite", "kind", "prompt_id", "prompt", "generation", "refused", "harmful",
-             "score", "judge", "matched", "reference"}
-    return [c for c in df.columns if c not in fixed]
+             "score", "judge", "matched", "reference", "no_content", "decided_by"}
+    return [c for c in df.columns if c not in fixed and not c.startswith("harmful@")]

@@ -4,13 +4,23 @@ prompts it holds.
 Shipped suites (each file beside its LICENSE and NOTICE under ``safedelta/data``):
 
 ========================  =====================  =====  ==========================================
-name                      kind                   rows   source
+name                      kind                   rows   source (form of the prompts)
 ========================  =====================  =====  ==========================================
-``advbench``              harmful                200    AdvBench, the fixed *evaluation* split
-``xstest-safe``           benign-should-answer   250    XSTest prompts labelled ``safe``
-``xstest-unsafe``         harmful                200    XSTest prompts labelled ``unsafe``
+``advbench``              harmful                200    AdvBench *evaluation* split (imperatives:
+                                                        "Write a tutorial on ...")
+``harmbench``             harmful                120    HarmBench standard behaviours, *evaluation*
+                                                        split (imperatives, 6 semantic categories)
+``simplesafetytests``     harmful                100    SimpleSafetyTests, all (questions and
+                                                        requests: "What is the easiest way ...?")
+``xstest-unsafe``         harmful                120    XSTest ``unsafe`` prompts of the
+                                                        *evaluation* split (questions)
+``xstest-safe``           benign-should-answer   151    XSTest ``safe`` prompts of the
+                                                        *evaluation* split (over-refusal)
 ``gsm8k``                 task                   1319   GSM8K test set (exact-match accuracy)
 ========================  =====================  =====  ==========================================
+
+The splits are fixed in :mod:`safedelta.data` (``SPLITS``): no suite prompt is ever in an
+alignment, attack or calibration split.
 
 A user suite is a CSV or JSONL file (e.g. HEx-PHI, an internal red-team set)::
 
@@ -51,7 +61,8 @@ class Suite:
         metric: for ``task`` suites, ``gsm8k`` (exact match on the final number), ``rouge``
             (ROUGE-1/2/L F1) or ``exact`` (stripped string equality).
         where: keep only rows whose columns equal these values, e.g. ``{"label": "safe"}``.
-        advbench_split: for the shipped AdvBench file, the fixed split to read.
+        split: for a shipped data set, ``(dataset, split)`` of :func:`safedelta.data.split_prompts`
+            (``where`` then filters its rows, e.g. ``{"label": "safe"}``).
         prompts: inline prompts (tests, small ad-hoc suites); overrides ``file``.
         references: expected answers for inline ``task`` prompts (same order).
         license: a short licence note recorded in reports.
@@ -64,7 +75,7 @@ class Suite:
     reference_column: str | None = None
     metric: TaskMetric | None = None
     where: tuple[tuple[str, str], ...] = ()
-    advbench_split: str | None = None
+    split: tuple[str, str] | None = None
     prompts: tuple[str, ...] | None = None
     references: tuple[str, ...] | None = None
     license: str | None = None
@@ -85,11 +96,12 @@ class Suite:
             refs = self.references or (None,) * len(self.prompts)
             rows = [{"prompt_id": i, "prompt": p, "reference": r}
                     for i, (p, r) in enumerate(zip(self.prompts, refs))]
-        elif self.advbench_split is not None:
-            from safedelta.data import advbench
+        elif self.split is not None:
+            from safedelta.data import split_prompts
 
-            rows = [{"prompt_id": r["row"], "prompt": r["goal"], "reference": None}
-                    for r in advbench(self.advbench_split)]
+            rows = [{"prompt_id": r["row"], "prompt": r["prompt"], "reference": None}
+                    for r in split_prompts(*self.split)
+                    if all(str(r.get(k)) == v for k, v in self.where)]
         else:
             rows = self._read_file()
         if not rows:
@@ -108,7 +120,8 @@ class Suite:
         """What a report records about the suite."""
         return {"name": self.name, "kind": self.kind, "file": str(self.file) if self.file else None,
                 "prompt_column": self.prompt_column, "metric": self.metric,
-                "where": dict(self.where), "advbench_split": self.advbench_split,
+                "where": dict(self.where),
+                "split": "/".join(self.split) if self.split else None,
                 "license": self.license}
 
     def _read_file(self) -> list[dict]:
@@ -149,20 +162,31 @@ class Suite:
         return rows
 
 
-def _builtin(name: str) -> Suite:
-    from safedelta.data import data_path
+_XSTEST_LICENSE = "CC-BY-4.0 (XSTest, Roettger et al. NAACL 2024)"
 
-    xstest = data_path("xstest", "xstest_prompts.csv")
+
+def _builtin(name: str) -> Suite:
+    from safedelta.data import HARMBENCH_FILE, SST_FILE, XSTEST_FILE, data_path
+
+    xstest = data_path(*XSTEST_FILE)
     table = {
         "advbench": Suite("advbench", data_path("advbench", "harmful_behaviors.csv"),
-                          kind="harmful", prompt_column="goal", advbench_split="evaluation",
+                          kind="harmful", prompt_column="goal",
+                          split=("advbench", "evaluation"),
                           license="MIT (AdvBench, Zou et al. 2023)"),
+        "harmbench": Suite("harmbench", data_path(*HARMBENCH_FILE), kind="harmful",
+                           prompt_column="Behavior", split=("harmbench", "evaluation"),
+                           license="MIT (HarmBench, Mazeika et al. 2024)"),
+        "simplesafetytests": Suite("simplesafetytests", data_path(*SST_FILE), kind="harmful",
+                                   prompt_column="prompts_final",
+                                   split=("simplesafetytests", "evaluation"),
+                                   license="CC-BY-4.0 (SimpleSafetyTests, Vidgen et al. 2023)"),
         "xstest-safe": Suite("xstest-safe", xstest, kind="benign-should-answer",
-                             where=(("label", "safe"),),
-                             license="CC-BY-4.0 (XSTest, Roettger et al. NAACL 2024)"),
+                             where=(("label", "safe"),), split=("xstest", "evaluation"),
+                             license=_XSTEST_LICENSE),
         "xstest-unsafe": Suite("xstest-unsafe", xstest, kind="harmful",
-                               where=(("label", "unsafe"),),
-                               license="CC-BY-4.0 (XSTest, Roettger et al. NAACL 2024)"),
+                               where=(("label", "unsafe"),), split=("xstest", "evaluation"),
+                               license=_XSTEST_LICENSE),
         "gsm8k": Suite("gsm8k", data_path("gsm8k", "test.jsonl"), kind="task",
                        prompt_column="question", reference_column="answer", metric="gsm8k",
                        license="MIT (GSM8K, Cobbe et al. 2021)"),
@@ -170,11 +194,12 @@ def _builtin(name: str) -> Suite:
     return table[name]
 
 
-BUILTIN_SUITES: tuple[str, ...] = ("advbench", "xstest-safe", "xstest-unsafe", "gsm8k")
+BUILTIN_SUITES: tuple[str, ...] = ("advbench", "harmbench", "simplesafetytests", "xstest-safe",
+                                   "xstest-unsafe", "gsm8k")
 
 
 def builtin_suite(name: str) -> Suite:
-    """A shipped suite by name: ``advbench``, ``xstest-safe``, ``xstest-unsafe`` or ``gsm8k``."""
+    """A shipped suite by name (one of :data:`BUILTIN_SUITES`, see the module table)."""
     if name not in BUILTIN_SUITES:
         raise SuiteError(f"unknown built-in suite {name!r}; choose one of "
                          f"{', '.join(BUILTIN_SUITES)}, or give a CSV/JSONL file")

@@ -99,15 +99,17 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def start_mlflow_server(root: Path, *, env: dict[str, str] | None = None,
                         registry_store_uri: str | None = None,
-                        extra_args: list[str] | None = None) -> Iterator[MlflowServer]:
-    """Start ``mlflow server`` (SQLite + proxied artifacts under ``root``); stop it on exit."""
+                        extra_args: list[str] | None = None,
+                        mlflow_bin: Path = MLFLOW_BIN) -> Iterator[MlflowServer]:
+    """Start ``mlflow server`` (SQLite + proxied artifacts under ``root``); stop it on exit.
+    ``mlflow_bin``: the ``mlflow`` script of another environment (default: this one's)."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     db_path = root / "mlflow.db"
     artifacts = root / "artifacts"
     artifacts.mkdir(exist_ok=True)
     port = free_port()
-    cmd = [str(MLFLOW_BIN), "server",
+    cmd = [str(mlflow_bin), "server",
            "--backend-store-uri", f"sqlite:///{db_path}",
            "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from mlflow_safedelta import registry as reg
-from mlflow_safedelta.gate import GateResult, evaluate_policy
-from mlflow_safedelta.job import GATE_ARTIFACT
+from mlflow_safedelta.verdict import GateResult, evaluate_policy
+from mlflow_safedelta.vocab import GATE_ARTIFACT
 from mlflow_safedelta.policy import load_policy, policy_fingerprint
 from tests.unit.plugin.test_actions import VENV_BIN, gate_step, step_env
 

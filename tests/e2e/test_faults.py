@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.worker import Worker
 
 pytestmark = [pytest.mark.e2e]
@@ -127,7 +127,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_once(registry
 
 
 def test_a_missing_parent_ends_in_error_with_a_reason(registry, tmp_path):
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
 
     uri, client = registry
     client.create_registered_model("orphan")

@@ -16,7 +16,8 @@ import pytest
 import mlflow
 
 from mlflow_safedelta import flavor, registry as reg
-from mlflow_safedelta.job import run_gate_job
+from mlflow_safedelta.gate_job import run_gate_job
+from mlflow_safedelta.hessian_cache import prepare_parent
 from mlflow_safedelta.policy import parse_policy
 from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
@@ -179,28 +180,33 @@ def test_passing_gate_registers_protected_version_and_promotes(mlflow_server, re
 
 def test_failing_transformers_flavor_version_is_not_promoted(mlflow_server, registered, tmp_path):
     """A version logged with the transformers flavor plus a safedelta.parent tag is gated too;
-    a failing verdict registers the protected version but leaves the alias where it was."""
+    a failing verdict registers the protected version but leaves the alias where it was.
+    Self-contained: its own registered model and alias, and the parent's Hessians attached by
+    ``prepare`` from another cache (another machine), as the gate must download them."""
     cl = registered["client"]
-    before_alias = cl.get_model_version_by_alias("support-bot", "production").version
+    name = "tf-bot"
     model = make_tiny_model(arch="llama", seed=2)
     with mlflow.start_run():
         info = mlflow.transformers.log_model(
             {"model": model, "tokenizer": make_tiny_tokenizer()}, name="model",
             task="text-generation", pip_requirements=["transformers", "torch"])
-    mv = mlflow.register_model(info.model_uri, "support-bot",
-                               tags={reg.TAG_PARENT: "models:/aligned/1"})
+    serving = mlflow.register_model(info.model_uri, name)  # what the alias points at today
+    cl.set_registered_model_alias(name, "production", serving.version)
+    prepare_parent("models:/aligned/1", tracking_uri=mlflow_server.url,
+                   cache_dir=tmp_path / "other-machine-cache", progress=False)
+    mv = mlflow.register_model(info.model_uri, name, tags={reg.TAG_PARENT: "models:/aligned/1"})
     ev = MeasuringEvaluator()
-    res = run_gate_job("support-bot", mv.version, policy=FAILING,
+    res = run_gate_job(name, mv.version, policy=FAILING,
                        tracking_uri=mlflow_server.url, evaluator=ev, progress=False)
 
     assert res.verdict == "failed"
     (rule,) = [r for r in res.rules if not r.passed]
     assert rule.rule == "max_asr" and "0.0001" in rule.message
     assert res.promoted_alias is None and res.protected_version is not None
-    assert cl.get_model_version_by_alias("support-bot", "production").version == before_alias
-    tags = reg.version_tags(cl, "support-bot", mv.version)
+    assert cl.get_model_version_by_alias(name, "production").version == serving.version
+    tags = reg.version_tags(cl, name, mv.version)
     assert tags[reg.TAG_STATUS] == "failed" and "max_asr" in tags[reg.TAG_REASON]
-    assert reg.version_tags(cl, "support-bot", res.protected_version)[reg.TAG_VERDICT] == "failed"
+    assert reg.version_tags(cl, name, res.protected_version)[reg.TAG_VERDICT] == "failed"
     run = cl.get_run(res.run_id)
     assert run.data.params["finetuned_flavor"] == "transformers"
     # this test's cache is empty: the Hessians came from the run attached to the parent
@@ -234,35 +240,51 @@ def _cli(*args):
 
 
 def test_cli_reads_the_recorded_verdicts(mlflow_server, registered, tmp_path):
-    """gate (idempotent: exit code from the stored verdict), report, status on this server."""
-    url = mlflow_server.url
-    passed = _cli("gate", "support-bot", "1", "--tracking-uri", url, "--json",
+    """gate (idempotent: exit code from the stored verdict), report, status on this server.
+    The verdicts are recorded here (injected evaluator): passed v1 -> protected v2 (promoted),
+    failed v3, and an error for a version with no parent."""
+    url, cl = mlflow_server.url, registered["client"]
+    for seed, version, policy in ((4, "1", PASSING), (5, "3", FAILING)):
+        ft = save_tiny_pair(tmp_path / f"ft{seed}", seed=seed)
+        with mlflow.start_run():
+            flavor.log_model(str(ft), name="model", parent="models:/aligned@base",
+                             registered_model_name="cli-bot")
+        run_gate_job("cli-bot", version, policy=policy, tracking_uri=url,
+                     evaluator=MeasuringEvaluator(), progress=False)
+    with mlflow.start_run():
+        flavor.log_model(str(save_tiny_pair(tmp_path / "orphan", seed=6)), name="model",
+                         registered_model_name="cli-orphan")
+    run_gate_job("cli-orphan", "1", tracking_uri=url, evaluator=MeasuringEvaluator(),
+                 progress=False)
+    assert _versions(cl, "cli-bot") == [1, 2, 3, 4]
+
+    passed = _cli("gate", "cli-bot", "1", "--tracking-uri", url, "--json",
                   "--summary-file", str(tmp_path / "summary.md"))
     assert passed.exit_code == 0, passed.output
     d = json.loads(passed.stdout)
     assert d["verdict"] == "passed" and d["protected_version"] == "2"
     assert "PASSED" in (tmp_path / "summary.md").read_text()
 
-    failed = _cli("gate", "support-bot", "3", "--tracking-uri", url, "--json")
+    failed = _cli("gate", "cli-bot", "3", "--tracking-uri", url, "--json")
     assert failed.exit_code == 1 and json.loads(failed.stdout)["verdict"] == "failed"
-    errored = _cli("gate", "orphan", "1", "--tracking-uri", url, "--json")
+    errored = _cli("gate", "cli-orphan", "1", "--tracking-uri", url, "--json")
     assert errored.exit_code == 2 and "names no aligned parent" in json.loads(errored.stdout)["reason"]
-    by_alias = _cli("gate", "support-bot", "--alias", "production", "--tracking-uri", url)
+    by_alias = _cli("gate", "cli-bot", "--alias", "production", "--tracking-uri", url)
     assert by_alias.exit_code == 2 and "protected output" in by_alias.stdout
-    assert _cli("gate", "support-bot", "--tracking-uri", url).exit_code == 2  # neither
+    assert _cli("gate", "cli-bot", "--tracking-uri", url).exit_code == 2  # neither
 
-    rep = _cli("report", "support-bot", "1", "--format", "json", "--tracking-uri", url)
+    rep = _cli("report", "cli-bot", "1", "--format", "json", "--tracking-uri", url)
     assert rep.exit_code == 0 and json.loads(rep.stdout) == d
-    md = _cli("report", "support-bot", "3", "--tracking-uri", url)
+    md = _cli("report", "cli-bot", "3", "--tracking-uri", url)
     assert "FAILED" in md.stdout and "| ❌ | max_asr |" in md.stdout
     assert _cli("report", "aligned", "1", "--tracking-uri", url).exit_code == 2  # never gated
 
-    st = _cli("status", "support-bot", "--json", "--tracking-uri", url)
+    st = _cli("status", "cli-bot", "--json", "--tracking-uri", url)
     rows = {r["version"]: r for r in json.loads(st.stdout)}
     assert rows["1"]["status"] == "passed" and rows["2"]["role"] == "protected"
     assert rows["2"]["aliases"] == ["production"] and rows["3"]["status"] == "failed"
     table = _cli("status", "--tracking-uri", url).stdout
-    assert "orphan" in table and "error" in table and "protected-output" in table
+    assert "cli-orphan" in table and "error" in table and "protected-output" in table
 
 
 def test_demo_tiny_runs_the_same_gate(tmp_path):
@@ -282,6 +304,12 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     assert gate["verdict"] == ("passed" if expected else "failed")
     cl = MlflowClient(out["tracking_uri"], out["tracking_uri"])
     assert reg.version_tags(cl, MODEL_NAME, "1")[reg.TAG_STATUS] == gate["verdict"]
+    # the demo's registry is governed: its own keys, governance file and the store plugin
+    assert gate["policy"]["governance"] == "enforced" and out["registry_uri"].startswith(
+        "safedelta+sqlite:///")
+    aliases = cl.get_registered_model(MODEL_NAME).aliases or {}
+    assert (str(aliases["production"]) if "production" in aliases else None) == (
+        gate["protected_version"] if expected else None)
     assert Path(out["artifacts"], "safedelta", "gate.json").is_file()
     assert str(out["artifacts"]).startswith(str(tmp_path / ".demo"))
     # running it again reuses everything and registers nothing new
@@ -293,7 +321,7 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
 def test_target_mode_searches_s_for_the_policy_asr(tmp_path):
     """select_s.mode=target: the s chosen is the largest tried one whose measured ASR meets the
     target, and the protected model handed back was made with it."""
-    from mlflow_safedelta.job import _protect
+    from mlflow_safedelta.gate_job import _protect
 
     a, f = save_tiny_pair(tmp_path / "a", seed=0), save_tiny_pair(tmp_path / "f", seed=1)
     pol = parse_policy({"policy_version": 1, "name": "t", "select_s": {

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.reconcile import reconcile
 from tests.conftest import require_service
 from tests.e2e.test_routes import receiver_process, wait_for, webhook_env
@@ -114,7 +114,7 @@ def test_the_gate_job_on_postgres_promotes_a_pass_and_not_a_fail(mlflow_server, 
     from mlflow import MlflowClient
 
     from mlflow_safedelta import flavor, registry as reg
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
     from tests.e2e.test_gate_job import FAILING, PASSING, MeasuringEvaluator
     from tests.helpers.tiny import save_tiny_pair
 

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from mlflow_safedelta.cli import cli
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.reconcile import reconcile
 from mlflow_safedelta.webhooks import WEBHOOK_NAME, ensure_webhook
 from mlflow_safedelta.worker import Worker
@@ -136,7 +136,7 @@ def test_the_receiver_subscribed_itself_once(mlflow_server, receiver, rest):
     url, _, _ = receiver
     hooks = [h for h in rest.list_webhooks() if h.name == WEBHOOK_NAME]
     assert [(h.url, [str(e) for e in h.events]) for h in hooks] == [
-        (f"{url}/webhooks/mlflow", ["model_version.created"])]
+        (f"{url}/webhooks/mlflow", ["model_version.created", "model_version_alias.created"])]
     hook, action = ensure_webhook(f"{url}/webhooks/mlflow", SECRET, tracking_uri=mlflow_server.url)
     assert action == "updated" and hook.webhook_id == hooks[0].webhook_id
     assert len([h for h in rest.list_webhooks() if h.name == WEBHOOK_NAME]) == 1
@@ -216,7 +216,7 @@ def test_a_flavored_registration_is_gated_once_by_the_real_job(mlflow_server, re
     import mlflow
 
     from mlflow_safedelta import flavor
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
     from mlflow_safedelta.policy import parse_policy
     from tests.helpers.tiny import save_tiny_pair
 

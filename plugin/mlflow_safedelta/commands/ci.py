@@ -25,7 +25,7 @@ def ci_gate() -> None:
 
     Exit codes: 0 passed, 1 failed, 2 error.
     """
-    from mlflow_safedelta.ci import run_ci_gate
+    from mlflow_safedelta.action import run_ci_gate
 
     sys.exit(run_ci_gate(os.environ))
 
@@ -57,7 +57,7 @@ def summary(from_: str, output: str | None) -> None:
       mlflow safedelta gate support-bot 7 --json > gate.json
       mlflow-safedelta summary --from gate.json
     """
-    from mlflow_safedelta.gate import render_markdown
+    from mlflow_safedelta.verdict import render_markdown
 
     try:
         text = sys.stdin.read() if from_ == "-" else Path(from_).read_text(encoding="utf-8")

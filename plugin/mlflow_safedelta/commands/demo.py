@@ -4,7 +4,7 @@
 2. a real model pair from the safety lab (SmolLM2-135M aligned, and its harmful fine-tune; built
    once on CPU and cached), or with ``--tiny`` two random tiny models (clearly not a real result);
 3. the parent registered (alias ``aligned``), the fine-tune registered naming it as its parent;
-4. the gate job, the same code every route runs (:func:`mlflow_safedelta.job.run_gate_job`);
+4. the gate job, the same code every route runs (:func:`mlflow_safedelta.gate_job.run_gate_job`);
 5. the verdict table and where to look.
 
 :func:`run_demo` does the work; the click command only parses and prints.
@@ -18,7 +18,13 @@ from typing import Any
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -28,11 +34,11 @@ EXPERIMENTS = ("safedelta-demo", "safedelta-gate", "safedelta-hessians")
 
 
 def show_job_progress(enabled: bool = True) -> None:
-    """Let the gate job's step lines (INFO on ``mlflow_safedelta.job``) reach stderr."""
+    """Let the gate job's step lines (INFO on ``mlflow_safedelta.gate_job``) reach stderr."""
     if enabled:
         import logging
 
-        for name in ("mlflow_safedelta.job",):
+        for name in ("mlflow_safedelta.gate_job",):
             if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
                 logging.getLogger(name).setLevel(logging.INFO)
 
@@ -107,19 +113,72 @@ def _demo_policy(name_or_path: str | None, limit: int | None):
 def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | None = None,
              limit: int | None = None, device: str | None = None, force: bool = False,
              quiet: bool = False, evaluator: Any = None) -> dict:
-    """Set up the demo store, register the pair, run the gate job; returns what to print."""
+    """Set up the demo store (governed: see :func:`governed_demo`), register the pair, run the
+    gate job; returns what to print."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    pol = _demo_policy(policy, limit)
+    with governed_demo(root, pol):
+        return _run_demo(root, pol, tiny=tiny, device=device, force=force, quiet=quiet,
+                         evaluator=evaluator)
+
+
+def governed_demo(root: Path, pol: Any):
+    """The demo's registry enforces the gate, as a platform would set it up: its own keys and
+    governance file under ``root`` (binding the demo model to the demo policy, guarding
+    ``production``), the ``safedelta+sqlite`` registry store, and its own job queue. The
+    variables are set for the duration of the demo only."""
+    import contextlib
+    import os
+
+    import yaml
+
+    from mlflow_safedelta.policy import policy_to_yaml
+    from mlflow_safedelta.signing import generate_keypair
+    from mlflow_safedelta.vocab import ENV_GOVERNANCE, ENV_QUEUE_URI, ENV_SIGNING_KEY
+
+    gdir = root / "governance"
+    for name in ("gate", "admin"):
+        if not (gdir / f"{name}.key").is_file():
+            generate_keypair(gdir / f"{name}.key", gdir / f"{name}.pub")
+    (gdir / "demo-policy.yaml").write_text(policy_to_yaml(pol))
+    (gdir / "governance.yaml").write_text(yaml.safe_dump({
+        "governance_version": 1, "verify_keys": ["gate.pub"], "admin_keys": ["admin.pub"],
+        "bindings": [{"models": [MODEL_NAME], "policy": "demo-policy.yaml",
+                      "guarded_aliases": ["production"]}]}, sort_keys=False))
+    env = {ENV_GOVERNANCE: str(gdir / "governance.yaml"),
+           ENV_SIGNING_KEY: str(gdir / "gate.key"),
+           ENV_QUEUE_URI: f"sqlite:///{root / 'jobs.sqlite'}"}
+
+    @contextlib.contextmanager
+    def scope():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return scope()
+
+
+def _run_demo(root: Path, pol: Any, *, tiny: bool, device: str | None, force: bool,
+              quiet: bool, evaluator: Any) -> dict:
     import shutil
 
     from mlflow import MlflowClient
 
     from mlflow_safedelta import flavor
     from mlflow_safedelta import registry as reg
-    from mlflow_safedelta.job import run_gate_job
+    from mlflow_safedelta.gate_job import run_gate_job
 
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    registry_uri = f"safedelta+{uri}"  # the store plugin: guarded aliases, signed state only
+    cl = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
     for name in EXPERIMENTS:  # artifacts live under .demo/artifacts, not the working directory
         if cl.get_experiment_by_name(name) is None:
             cl.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
@@ -159,18 +218,21 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
     else:
         version = register(ft_dir, MODEL_NAME, parent=f"models:/{PARENT_NAME}@aligned")
 
-    pol = _demo_policy(policy, limit)
     _say(f"[3/4] gating {MODEL_NAME} v{version} with policy '{pol.name}' "
          "(Safe Delta, then evaluation of all three models)", quiet)
-    result = run_gate_job(MODEL_NAME, version, policy=pol, tracking_uri=uri, registry_uri=uri,
+    result = run_gate_job(MODEL_NAME, version, policy=pol, tracking_uri=uri,
+                          registry_uri=registry_uri,
                           device=device, force=force, evaluator=evaluator, progress=not quiet)
     gate = result.to_dict()
     run_dir = None
     if result.run_id:
         run_dir = cl.get_run(result.run_id).info.artifact_uri.replace("file://", "")
     _say("[4/4] done", quiet)
-    return {"gate": gate, "tracking_uri": uri, "tiny": tiny,
-            "ui": f"mlflow ui --backend-store-uri {uri} --port 5000",
+    gov_file = root / "governance" / "governance.yaml"
+    return {"gate": gate, "tracking_uri": uri, "registry_uri": registry_uri, "tiny": tiny,
+            "governance": str(gov_file),
+            "ui": f"SAFEDELTA_GOVERNANCE={gov_file} mlflow server --backend-store-uri {uri} "
+                  f"--registry-store-uri {registry_uri} --port 5000",
             "artifacts": run_dir,
             "report": f"{run_dir}/eval/report.md" if run_dir else None}
 
@@ -201,7 +263,7 @@ def demo(root, tiny, policy_, limit, device, force, json_):
       mlflow-safedelta demo            # real SmolLM2 pair (first run: slow on CPU, cached)
       mlflow-safedelta demo --tiny     # plumbing only, in seconds
     """
-    from mlflow_safedelta.gate import render_markdown
+    from mlflow_safedelta.verdict import render_markdown
 
     show_job_progress(not json_)
     out = run_demo(root, tiny=tiny, policy=policy_, limit=limit, device=device, force=force,
@@ -218,4 +280,5 @@ def demo(root, tiny, policy_, limit, device, force, json_):
     if out["artifacts"]:
         click.echo(f"  run artifacts: {out['artifacts']}")
         click.echo(f"  evaluation report: {out['report']}")
-    click.echo(f"  gate state: mlflow-safedelta status --tracking-uri {out['tracking_uri']}")
+    click.echo(f"  gate state: SAFEDELTA_GOVERNANCE={out['governance']} "
+               f"mlflow-safedelta status --tracking-uri {out['tracking_uri']}")

@@ -11,6 +11,8 @@ from pathlib import Path
 import click
 
 from mlflow_safedelta.cli import cli, emit_json, json_option, translate_errors, uri_options
+from safedelta.budget import budget_names, default_s_help, rules_help
+from safedelta.config import SafeDeltaConfig
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -24,8 +26,8 @@ class ModelDirOrUri(click.ParamType):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and value.startswith("models:/"):
-            from mlflow_safedelta.registry import parse_models_uri
             from mlflow_safedelta.errors import RegistryError
+            from mlflow_safedelta.registry import parse_models_uri
 
             try:
                 parse_models_uri(value)
@@ -50,12 +52,10 @@ class ModelDirOrUri(click.ParamType):
               help="Safe calibration set: JSON Lines of {\"prompt\", \"response\"} or "
                    "{\"messages\": [...]}. Default: the shipped AdvBench refusals.")
 @click.option("--s", "s", type=float, default=None,
-              help="Safety budget. Default budget: tolerated safety loss as a fraction of each "
-                   "layer's output energy (default 4e-6); official budget: the paper's constant "
-                   "(default 0.1). Must be >= 0.")
-@click.option("--budget", type=click.Choice(["default", "official"]), default=None,
-              help="Budget rule: 'default' (width-independent) or 'official' (the authors' "
-                   "code, tuned for width 4096).  [default: default]")
+              help=f"Safety budget, >= 0. {default_s_help()}")
+@click.option("--budget", type=click.Choice(budget_names()), default=None,
+              help=f"Budget rule: {rules_help()}.  "
+                   f"[default: {SafeDeltaConfig.model_fields['budget'].default}]")
 @click.option("--nonlinear", type=click.Choice(["aligned", "finetuned"]), default=None,
               help="Embeddings, norms and head: keep the aligned values (the paper) or the "
                    "fine-tuned ones. The discarded change is reported.  [default: aligned]")
@@ -92,9 +92,8 @@ def protect_cmd(aligned: str | Path, finetuned: str | Path, out: Path, calibrati
     import shutil
     import tempfile
 
-    from safedelta.pipeline import protect
-
     from mlflow_safedelta.registry import materialize
+    from safedelta.pipeline import protect
 
     config = {k: v for k, v in (("s", s), ("budget", budget), ("nonlinear", nonlinear))
               if v is not None}

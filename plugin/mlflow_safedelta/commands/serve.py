@@ -9,12 +9,20 @@ import threading
 
 import click
 
-from mlflow_safedelta.cli import UsageError, cli, emit_json, json_option, translate_errors
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    emit_json,
+    json_option,
+    translate_errors,
+)
+from mlflow_safedelta.extras import ENGINE, require
+from mlflow_safedelta.vocab import ENV_JOB, ENV_QUEUE_URI, ENV_WEBHOOK_SECRET
 
 _logger = logging.getLogger(__name__)
 
 queue_option = click.option(
-    "--queue-uri", envvar="SAFEDELTA_QUEUE_URI", default=None,
+    "--queue-uri", envvar=ENV_QUEUE_URI, default=None,
     help="Job queue: a SQLAlchemy database URL or redis://host:port/db. [env SAFEDELTA_QUEUE_URI; default "
          "sqlite:///$SAFEDELTA_CACHE/jobs.sqlite]")
 tracking_option = click.option(
@@ -24,13 +32,13 @@ registry_option = click.option(
     "--registry-uri", envvar="MLFLOW_REGISTRY_URI", default=None,
     help="MLflow registry, if not the tracking URI. [env MLFLOW_REGISTRY_URI]")
 job_option = click.option(
-    "--job", "job_spec", envvar="SAFEDELTA_JOB", default=None,
+    "--job", "job_spec", envvar=ENV_JOB, default=None,
     help="Gate job as module:function. [env SAFEDELTA_JOB; default "
-         "mlflow_safedelta.job:run_gate_job]")
+         "mlflow_safedelta.gate_job:run_gate_job]")
 
 
 def _queue(queue_uri):
-    from mlflow_safedelta.jobs import JobQueue
+    from mlflow_safedelta.jobqueue import JobQueue
 
     return JobQueue(queue_uri)
 
@@ -44,14 +52,24 @@ def _stop_on_signals(stop: threading.Event) -> None:
         signal.signal(sig, handler)
 
 
-def _threads(queue, stop, *, job_spec, tracking_uri, registry_uri, reconcile_interval,
-             run_worker=True):
+def _load_job(job_spec):
+    """The worker's job; the default gate job needs the engine extra, checked before any job
+    runs (else every job would end in an error verdict for a missing torch)."""
+    from mlflow_safedelta.worker import DEFAULT_JOB, load_job
+
+    if (job_spec or DEFAULT_JOB) == DEFAULT_JOB:
+        require(ENGINE)
+    return load_job(job_spec)
+
+
+def _threads(queue, stop, *, job, tracking_uri, registry_uri, reconcile_interval):
+    """Start the worker (unless ``job`` is None) and the reconcile sweep (unless interval 0)."""
     from mlflow_safedelta.reconcile import reconcile_periodically
-    from mlflow_safedelta.worker import Worker, load_job
+    from mlflow_safedelta.worker import Worker
 
     threads = []
-    if run_worker:
-        worker = Worker(queue, load_job(job_spec), tracking_uri=tracking_uri,
+    if job is not None:
+        worker = Worker(queue, job, tracking_uri=tracking_uri,
                         registry_uri=registry_uri)
         threads.append(threading.Thread(target=worker.run, args=(stop,), name="worker",
                                         daemon=True))
@@ -67,7 +85,7 @@ def _threads(queue, stop, *, job_spec, tracking_uri, registry_uri, reconcile_int
 @cli.command(name="serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8787, show_default=True, type=int, help="Port to bind.")
-@click.option("--secret", envvar="SAFEDELTA_WEBHOOK_SECRET", default=None,
+@click.option("--secret", envvar=ENV_WEBHOOK_SECRET, default=None,
               help="Webhook HMAC secret. [env SAFEDELTA_WEBHOOK_SECRET; required]")
 @click.option("--path", "path_", default="/webhooks/mlflow", show_default=True,
               help="URL path of the receiver.")
@@ -96,16 +114,19 @@ def serve(host, port, secret, path_, public_url, no_worker, reconcile_interval, 
 
     if not secret:
         raise UsageError("a webhook secret is required: --secret or SAFEDELTA_WEBHOOK_SECRET")
+    job = None if no_worker else _load_job(job_spec)
     queue = _queue(queue_uri)
     if public_url:
         hook, action = ensure_webhook(public_url, secret, tracking_uri=tracking_uri,
                                       registry_uri=registry_uri)
         click.echo(f"webhook {hook.webhook_id} {action}: {public_url}", err=True)
     stop = threading.Event()
-    threads = _threads(queue, stop, job_spec=job_spec, tracking_uri=tracking_uri,
-                       registry_uri=registry_uri, reconcile_interval=reconcile_interval,
-                       run_worker=not no_worker)
-    app = create_app(queue, secret, path=path_)
+    threads = _threads(queue, stop, job=job, tracking_uri=tracking_uri,
+                       registry_uri=registry_uri, reconcile_interval=reconcile_interval)
+    from mlflow_safedelta.enforce import alias_guard
+
+    app = create_app(queue, secret, path=path_,
+                     on_alias=alias_guard(tracking_uri=tracking_uri, registry_uri=registry_uri))
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
@@ -128,8 +149,9 @@ def worker_cmd(reconcile_interval, poll_interval, queue_uri, tracking_uri, regis
                job_spec) -> None:
     """Run gate jobs from the queue until interrupted (no HTTP receiver)."""
     from mlflow_safedelta.reconcile import reconcile_periodically
-    from mlflow_safedelta.worker import Worker, load_job
+    from mlflow_safedelta.worker import Worker
 
+    job = _load_job(job_spec)
     queue = _queue(queue_uri)
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -137,7 +159,7 @@ def worker_cmd(reconcile_interval, poll_interval, queue_uri, tracking_uri, regis
         threading.Thread(target=reconcile_periodically, args=(queue, stop, reconcile_interval),
                          kwargs={"tracking_uri": tracking_uri, "registry_uri": registry_uri},
                          daemon=True).start()
-    Worker(queue, load_job(job_spec), tracking_uri=tracking_uri, registry_uri=registry_uri,
+    Worker(queue, job, tracking_uri=tracking_uri, registry_uri=registry_uri,
            poll_interval=poll_interval).run(stop)
 
 
@@ -206,7 +228,7 @@ def webhook_group() -> None:
 
 @webhook_group.command(name="ensure")
 @click.argument("url")
-@click.option("--secret", envvar="SAFEDELTA_WEBHOOK_SECRET", default=None,
+@click.option("--secret", envvar=ENV_WEBHOOK_SECRET, default=None,
               help="Webhook HMAC secret. [env SAFEDELTA_WEBHOOK_SECRET; required]")
 @click.option("--name", default="safedelta-gate", show_default=True, help="Subscription name.")
 @tracking_option

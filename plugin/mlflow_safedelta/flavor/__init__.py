@@ -30,9 +30,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mlflow_safedelta.flavor.flavor_config import (DELTA_FORMATS, FLAVOR_VERSION,
-                                                   MODEL_DATA_SUBPATH, ROLES, TOKENIZER_SUBPATH,
-                                                   FlavorKey)
+from mlflow_safedelta.flavor.flavor_config import (
+    DELTA_FORMATS,
+    FLAVOR_VERSION,
+    MODEL_DATA_SUBPATH,
+    ROLES,
+    TOKENIZER_SUBPATH,
+    FlavorKey,
+)
 
 FLAVOR_NAME = "safedelta"
 
@@ -110,18 +115,26 @@ def save_model(model: Any, path: str | os.PathLike, *, tokenizer: Any = None,
         conda_env, code_paths, mlflow_model, signature, input_example, pip_requirements,
             extra_pip_requirements, metadata: as in every MLflow flavor.
     """
+    import yaml
+    from mlflow import pyfunc
     from mlflow.models import Model
     from mlflow.models.model import MLMODEL_FILE_NAME
     from mlflow.models.utils import _save_example
-    from mlflow import pyfunc
-    from mlflow.utils.environment import (_CONDA_ENV_FILE_NAME, _CONSTRAINTS_FILE_NAME,
-                                          _PYTHON_ENV_FILE_NAME, _REQUIREMENTS_FILE_NAME,
-                                          _process_conda_env, _process_pip_requirements,
-                                          _PythonEnv, _validate_env_arguments)
+    from mlflow.utils.environment import (
+        _CONDA_ENV_FILE_NAME,
+        _CONSTRAINTS_FILE_NAME,
+        _PYTHON_ENV_FILE_NAME,
+        _REQUIREMENTS_FILE_NAME,
+        _process_conda_env,
+        _process_pip_requirements,
+        _PythonEnv,
+        _validate_env_arguments,
+    )
     from mlflow.utils.file_utils import write_to
-    from mlflow.utils.model_utils import (_validate_and_copy_code_paths,
-                                          _validate_and_prepare_target_save_path)
-    import yaml
+    from mlflow.utils.model_utils import (
+        _validate_and_copy_code_paths,
+        _validate_and_prepare_target_save_path,
+    )
 
     from mlflow_safedelta.flavor import model_io
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlflow_safedelta import ci
+from mlflow_safedelta import action as ci
 from mlflow_safedelta.cli import cli
 from mlflow_safedelta.manifest import ManifestError, load_manifest, parse_manifest
 
@@ -201,7 +201,8 @@ def test_action_is_composite_and_passes_inputs_only_through_env():
 @pytest.mark.parametrize(
     "inputs, expected_tail",
     [({}, ["--extra-index-url", "https://download.pytorch.org/whl/cpu", "<action repo>"]),
-     ({"package": "mlflow-safedelta==0.1.0", "pip-args": ""}, ["mlflow-safedelta==0.1.0"])],
+     ({"package": "mlflow-safedelta[engine]==0.1.0", "pip-args": ""},
+      ["mlflow-safedelta[engine]==0.1.0"])],
     ids=["default-installs-this-repo", "package-from-index"],
 )
 def test_install_step_installs_the_plugin_from_the_action_repo(tmp_path, inputs, expected_tail):
@@ -221,7 +222,9 @@ def test_install_step_installs_the_plugin_from_the_action_repo(tmp_path, inputs,
     assert argv[:5] == ["-m", "pip", "install", "--disable-pip-version-check", "-q"]
     tail = argv[5:]
     if expected_tail[-1] == "<action repo>":
-        assert Path(tail[-1]).resolve() == ROOT  # the repository holding pyproject.toml
+        path, extras = tail[-1].removesuffix("]").rsplit("[", 1)
+        assert extras == "engine"  # the gate protects and evaluates: torch, transformers ...
+        assert Path(path).resolve() == ROOT  # the repository holding pyproject.toml
         tail = [*tail[:-1], "<action repo>"]
     assert tail == expected_tail
 

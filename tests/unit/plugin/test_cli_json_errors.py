@@ -65,7 +65,7 @@ def test_unreachable_registry_is_json(monkeypatch, cmd):
                                  ConnectionError("registry went away mid-job")])
 def test_unexpected_errors_in_the_gate_are_json(monkeypatch, exc):
     """Anything the job raises (a transient error re-raised for the worker to retry, a bug)."""
-    import mlflow_safedelta.job as job
+    import mlflow_safedelta.gate_job as job
 
     def boom(*a, **kw):
         raise exc

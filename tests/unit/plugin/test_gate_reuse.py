@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from mlflow_safedelta import flavor, registry as reg
 from mlflow_safedelta.cli import cli
-from mlflow_safedelta.job import run_gate_job
+from mlflow_safedelta.gate_job import run_gate_job
 from mlflow_safedelta.policy import policy_fingerprint
 from tests.e2e.test_gate_job import MeasuringEvaluator, _policy
 from tests.helpers.tiny import save_tiny_pair

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.reconcile import reconcile
 from mlflow_safedelta.store import SafeDeltaRegistryStore, strip_scheme
 

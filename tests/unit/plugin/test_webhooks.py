@@ -13,7 +13,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from mlflow_safedelta.jobs import JobQueue
+from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.webhooks import (
     MAX_BODY_BYTES,
     create_app,

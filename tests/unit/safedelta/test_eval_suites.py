@@ -19,7 +19,8 @@ def test_advbench_evaluation_suite_never_overlaps_calibration():
 
 
 def test_shipped_suites_sizes_kinds_and_notices():
-    sizes = {"advbench": 200, "xstest-safe": 250, "xstest-unsafe": 200, "gsm8k": 1319}
+    sizes = {"advbench": 200, "harmbench": 120, "simplesafetytests": 100, "xstest-safe": 151,
+             "xstest-unsafe": 120, "gsm8k": 1319}
     for name, n in sizes.items():
         s = builtin_suite(name)
         rows = s.load()
@@ -33,7 +34,7 @@ def test_shipped_suites_sizes_kinds_and_notices():
     assert "####" in g.load(1)[0]["reference"]
     safe = {r["prompt"] for r in builtin_suite("xstest-safe").load()}
     assert not safe & {r["prompt"] for r in builtin_suite("xstest-unsafe").load()}
-    for folder in ("xstest", "gsm8k"):
+    for folder in ("xstest", "gsm8k", "harmbench", "simplesafetytests", "xstest_completions"):
         for f in ("LICENSE", "NOTICE"):
             assert data_path(folder, f).stat().st_size > 100
 

@@ -13,16 +13,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
-
-from safedelta.lab import models as lm  # noqa: E402
-from safedelta.lab import scenarios as sc  # noqa: E402
-from safedelta.lab.models import LabModels, LabSettings  # noqa: E402
-from safedelta.lab.run import LabPlan, load_saved, run_lab  # noqa: E402
-from tests.helpers.tiny import save_tiny_pair  # noqa: E402
+from safedelta.lab import models as lm
+from safedelta.lab import scenarios as sc
+from safedelta.lab.models import LabModels, LabSettings
+from safedelta.lab.run import LabPlan, load_saved, run_lab
+from tests.helpers.tiny import save_tiny_pair
 
 EXPECTED_METHODS = {"none", "safedelta-official", "safedelta-default", "sd-no-exclude",
                     "merge-0", "merge-1", "safe-lora", "resta"}

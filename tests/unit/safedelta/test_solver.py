@@ -1,4 +1,4 @@
-"""The kernel against the formulas of docs/safe-delta-algorithm.md and the plain reference loop."""
+"""The kernel against the formulas of docs/algorithm.md and the plain reference loop."""
 
 from __future__ import annotations
 
@@ -429,7 +429,7 @@ def test_given_output_energy_and_default_only_factors_give_the_same_result():
     fresh = protect_matrix(W0, W1, H, s=1e-3)
     full = prepare_hessian(H)
     E0 = protect_matrix(W0, W1, full, s=0.0).stats.output_energy
-    slim = prepare_hessian(H, official=False)
+    slim = prepare_hessian(H, budget="default")
     assert slim.U is None and slim.d is None
     slim.H = None  # as read back from the factor cache
     got = protect_matrix(W0, W1, slim, s=1e-3, output_energy=E0)

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from mlflow_safedelta.jobs import DONE, FAILED, QUEUED, RUNNING, JobQueue, triage_tags
+from mlflow_safedelta.jobqueue import DONE, FAILED, QUEUED, RUNNING, JobQueue
+from mlflow_safedelta.vocab import gate_decision
 from mlflow_safedelta.worker import Worker, is_transient
 from tests.conftest import require_service
 
@@ -159,14 +160,18 @@ def test_delivery_ids_dedupe_and_enqueue_together(queue):
     assert [j.version for j in queue.list()] == ["1"]  # the replay wrote nothing
 
 
-def test_triage_tags():
-    assert triage_tags({"safedelta.parent": "models:/base/1"}) == "gate"
-    assert triage_tags({"safedelta.parent": "models:/base/1",
-                        "safedelta.role": "protected"}) == "skip"
-    assert triage_tags({"safedelta.status": "passed", "safedelta.parent": "x"}) == "skip"
-    assert triage_tags({"safedelta.status": "pending", "safedelta.parent": "x"}) == "gate"
-    assert triage_tags([{"key": "other", "value": "1"}]) == "check"
-    assert triage_tags(None) == "check"
+def test_gate_decision_from_tags_and_flavors():
+    assert gate_decision({"safedelta.parent": "models:/base/1"})[0] == "gate"
+    assert gate_decision({"safedelta.parent": "models:/base/1",
+                          "safedelta.role": "protected"})[0] == "skip"
+    assert gate_decision({"safedelta.status": "passed", "safedelta.parent": "x"})[0] == "recorded"
+    assert gate_decision({"safedelta.status": "pending", "safedelta.parent": "x"})[0] == "gate"
+    assert gate_decision([{"key": "other", "value": "1"}])[0] == "check"
+    assert gate_decision(None)[0] == "check"
+    flavor = {"safedelta": {"role": "finetuned", "parent_uri": "models:/base/1"}}
+    assert gate_decision({}, flavor) == ("gate", "safedelta flavor with parent models:/base/1")
+    assert gate_decision({}, {"safedelta": {"role": "protected", "parent_uri": "x"}})[0] == "skip"
+    assert gate_decision({}, {"transformers": {}})[0] == "skip"
 
 
 class Flaky(Exception):

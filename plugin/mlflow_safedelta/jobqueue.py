@@ -33,63 +33,31 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
+
+from mlflow_safedelta.vocab import (
+    ENV_CACHE,
+    ENV_JOB_BACKOFF,
+    ENV_JOB_LEASE,
+    ENV_JOB_MAX_ATTEMPTS,
+    ENV_QUEUE_PREFIX,
+    ENV_QUEUE_URI,
+)
 
 _logger = logging.getLogger(__name__)
 
-QUEUE_URI_ENV = "SAFEDELTA_QUEUE_URI"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-# Model-version tags shared with the gate job (job.py writes running/passed/failed/error).
-STATUS_TAG = "safedelta.status"
-REASON_TAG = "safedelta.reason"
-PARENT_TAG = "safedelta.parent"
-ROLE_TAG = "safedelta.role"
-PROTECTED_ROLE = "protected"
-STATUS_PENDING = "pending"
-STATUS_ERROR = "error"
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 
 
-def triage_tags(tags: Mapping[str, str] | Iterable[Any] | None) -> str:
-    """Decide from a new version's tags alone whether it needs a gate.
-
-    Returns ``"gate"`` (it names a parent), ``"skip"`` (the gate's own protected output, or it
-    already has a status), or ``"check"`` (unknown: the worker reads its MLmodel for a
-    ``safedelta`` flavor). Accepts a dict or a list of ``ModelVersionTag``-like objects.
-    """
-    tags = _tag_dict(tags)
-    if tags.get(ROLE_TAG) == PROTECTED_ROLE:
-        return "skip"
-    if tags.get(STATUS_TAG) and tags.get(STATUS_TAG) != STATUS_PENDING:
-        return "skip"
-    if tags.get(PARENT_TAG):
-        return "gate"
-    return "check"
-
-
-def _tag_dict(tags: Any) -> dict[str, str]:
-    if not tags:
-        return {}
-    if isinstance(tags, Mapping):
-        return {str(k): str(v) for k, v in tags.items()}
-    out = {}
-    for t in tags:
-        if isinstance(t, Mapping):
-            out[str(t.get("key"))] = str(t.get("value"))
-        else:
-            out[str(t.key)] = str(t.value)
-    return out
-
-
 def default_queue_uri() -> str:
     """``$SAFEDELTA_QUEUE_URI``, else a SQLite file in the safedelta cache directory."""
-    uri = os.environ.get(QUEUE_URI_ENV)
+    uri = os.environ.get(ENV_QUEUE_URI)
     if uri:
         return uri
-    cache = Path(os.environ.get("SAFEDELTA_CACHE") or Path.home() / ".cache" / "safedelta")
+    cache = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "safedelta")
     return f"sqlite:///{cache / 'jobs.sqlite'}"
 
 
@@ -182,7 +150,7 @@ def _create_tables(eng) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _tables():
-    """The queue's schema, built on first use (``import jobs`` stays free of SQLAlchemy)."""
+    """The queue's schema, built on first use (``import jobqueue`` stays free of SQLAlchemy)."""
     import sqlalchemy as sa
 
     md = sa.MetaData()
@@ -242,11 +210,11 @@ class JobQueue:
     def _configure(self, uri, max_attempts, backoff_base, backoff_max, lease_seconds, clock):
         self.uri = uri or default_queue_uri()
         env = os.environ
-        self.max_attempts = int(max_attempts or env.get("SAFEDELTA_JOB_MAX_ATTEMPTS", 5))
+        self.max_attempts = int(max_attempts or env.get(ENV_JOB_MAX_ATTEMPTS, 5))
         self.backoff_base = float(backoff_base if backoff_base is not None
-                                  else env.get("SAFEDELTA_JOB_BACKOFF", 10.0))
+                                  else env.get(ENV_JOB_BACKOFF, 10.0))
         self.backoff_max = backoff_max
-        self.lease_seconds = float(lease_seconds or env.get("SAFEDELTA_JOB_LEASE", 120.0))
+        self.lease_seconds = float(lease_seconds or env.get(ENV_JOB_LEASE, 120.0))
         self.clock = clock
 
     # -- producers ----------------------------------------------------------------------------
@@ -510,7 +478,7 @@ class RedisJobQueue(JobQueue):
 
         self._configure(uri, max_attempts, backoff_base, backoff_max, lease_seconds, clock)
         self.redis = redis.Redis.from_url(self.uri, decode_responses=True)
-        self.prefix = prefix or os.environ.get("SAFEDELTA_QUEUE_PREFIX", "safedelta:")
+        self.prefix = prefix or os.environ.get(ENV_QUEUE_PREFIX, "safedelta:")
         self._due, self._leases = self.prefix + "due", self.prefix + "leases"
         self._index = self.prefix + "index"
         self._enqueue = self.redis.register_script(_R_ENQUEUE)

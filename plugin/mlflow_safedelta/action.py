@@ -10,7 +10,7 @@ action's ``env:``), never on a command line. The step:
 3. when a parent is named, checks that the version descends from it (the gate itself answers
    only under the requested policy's content: a verdict on record under another or edited
    policy is made again, see ``safedelta.policy_sha256``);
-4. writes the Markdown summary (:func:`mlflow_safedelta.gate.render_markdown`: verdict, every
+4. writes the Markdown summary (:func:`mlflow_safedelta.verdict.render_markdown`: verdict, every
    rule with measured value and limit, run link) to ``$GITHUB_STEP_SUMMARY``, ``verdict=...``
    (and friends) to ``$GITHUB_OUTPUT`` and the gate JSON to ``$RUNNER_TEMP``;
 5. returns the gate's exit code: 0 passed, 1 failed, 2 error, so a failing gate fails the job.
@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
 from urllib.parse import unquote, urlsplit
 
+from mlflow_safedelta.vocab import VERDICT_EXIT_CODES as EXIT_CODES  # noqa: E402
 from safedelta.errors import SafeDeltaError
-
-EXIT_CODES = {"passed": 0, "failed": 1, "error": 2}
 
 # action input (INPUT_<NAME>) -> environment variable the gate process reads
 CREDENTIAL_INPUTS = {
@@ -179,7 +178,9 @@ def run_ci_gate(
             (model names and reasons come from pull requests) can act as a workflow command.
         runner: runs the gate command; :func:`run_gate_process` unless given.
     """
-    from mlflow_safedelta.gate import render_markdown  # the one renderer (also `summary`)
+    from mlflow_safedelta.verdict import (
+        render_markdown,  # the one renderer (also `summary`)
+    )
 
     out = stdout or sys.stdout
     runner = runner or run_gate_process

@@ -11,6 +11,13 @@ Metrics come from the evaluation report, ``metrics[role][name]`` with roles ``al
 ``asr.<suite>.increase`` (protected minus aligned) against an absolute threshold, because
 ``MetricThreshold``'s change rules demand an *improvement* over the baseline, not a bounded loss.
 
+Decisions on confidence bounds: with ``safety.decide_on: upper_bound`` the ``max_asr`` and
+``max_over_refusal`` rules compare the one-sided exact (Clopper-Pearson) upper bound of the rate
+at ``safety.confidence`` with the limit, from the rate and its ``<metric>.n`` (``k = rate x n``);
+each :class:`RuleResult` carries the estimate, the interval (the two one-sided bounds at that
+confidence, i.e. the two-sided interval at ``2 x confidence - 1``), ``n``, what was compared
+(``decided_on``) and the judge. A bound without ``n`` fails its rule.
+
 The gate JSON (:meth:`GateResult.to_dict`; ``policy`` holds the policy's ``name``, ``source``,
 ``sha256`` content fingerprint and ``promotion_alias``) is what the CLI prints, what the job stores as the run
 artifact ``safedelta/gate.json`` and what the GitHub Action renders with :func:`render_markdown`.
@@ -27,7 +34,7 @@ from mlflow_safedelta.policy import Policy
 Verdict = Literal["passed", "failed", "error"]
 Comparison = Literal["<=", ">="]
 
-ROLES = ("aligned", "finetuned", "protected")
+from mlflow_safedelta.vocab import ROLES, STATUS_PASSED, VERDICT_EXIT_CODES, ExitCode  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,13 @@ class RuleResult:
     comparison: Comparison
     passed: bool
     message: str
+    estimate: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
+    decided_on: str = "estimate"
+    confidence: float | None = None
+    judge: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,25 +93,30 @@ class _Rule:
     limit: float
     greater_is_better: bool
     label: str  # human text of the rule
+    bound: bool = False  # compare the one-sided exact bound instead of the estimate
+    judge: str | None = None
 
 
 def _rules(policy: Policy, metrics: dict[str, dict[str, float]]) -> list[_Rule]:
     s = policy.safety
+    bound = s.decide_on == "upper_bound"
     rules: list[_Rule] = []
     for suite in s.suites:
         limit = s.asr_limit(suite)
         if limit is not None:
             rules.append(_Rule("max_asr", f"asr.{suite}", f"asr.{suite}", "protected", limit, False,
-                               f"attack success rate on {suite}"))
+                               f"attack success rate on {suite}", bound=bound,
+                               judge=s.judge_spec))
         if s.max_asr_increase is not None:
             rules.append(_Rule("max_asr_increase", f"asr.{suite}.increase", f"asr.{suite}",
                                "protected", s.max_asr_increase, False,
-                               f"ASR increase over the aligned parent on {suite}"))
+                               f"ASR increase over the aligned parent on {suite}",
+                               judge=s.judge_spec))
     if s.max_over_refusal is not None:
         for suite in s.over_refusal_suites:
             rules.append(_Rule("max_over_refusal", f"over_refusal.{suite}",
                                f"over_refusal.{suite}", "protected", s.max_over_refusal, False,
-                               f"over-refusal on {suite}"))
+                               f"over-refusal on {suite}", bound=bound))
     u = policy.utility
     if u.min_retention is not None:
         rules.append(_Rule("min_utility_retention", u.metric, u.metric, "protected",
@@ -111,6 +130,21 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def _bounded(metric: str, candidate: dict[str, float], confidence: float
+             ) -> tuple[float | None, float | None, float | None, int | None]:
+    """``(upper bound, low, high, n)`` of a rate from ``metric`` and ``metric.n``: one-sided exact
+    (Clopper-Pearson) bounds at ``confidence``; ``None`` where the rate or ``n`` is missing."""
+    from safedelta.eval.stats import exact_binomial_ci
+
+    rate, n = candidate.get(metric), candidate.get(f"{metric}.n")
+    if rate is None or n is None or n < 1 or not 0.0 <= rate <= 1.0:
+        return None, None, None, int(n) if n is not None and n >= 1 else None
+    n = int(round(n))
+    k = int(round(rate * n))
+    low, high = exact_binomial_ci(k, n, level=2 * confidence - 1)
+    return high, low, high, n
 
 
 def _candidate_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -134,16 +168,19 @@ def _fmt(x: float | None) -> str:
     return "missing" if x is None else f"{x:.4g}"
 
 
-def _check(rule: _Rule, candidate: dict[str, float]) -> RuleResult:
+def _check(rule: _Rule, candidate: dict[str, float], confidence: float = 0.95) -> RuleResult:
     from mlflow.models import MetricThreshold
     from mlflow.models.evaluation import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
 
     threshold = MetricThreshold(threshold=float(rule.limit), greater_is_better=rule.greater_is_better)
-    result = EvaluationResult(
-        metrics={rule.metric: candidate[rule.metric]} if rule.metric in candidate else {},
-        artifacts={})
-    measured = candidate.get(rule.metric)
+    estimate = candidate.get(rule.metric)
+    upper, low, high, n = _bounded(rule.metric, candidate, confidence)
+    if n is None and f"{rule.metric}.n" in candidate:
+        n = int(candidate[f"{rule.metric}.n"])
+    measured = upper if rule.bound else estimate
+    result = EvaluationResult(metrics={rule.metric: measured} if measured is not None else {},
+                              artifacts={})
     comparison: Comparison = ">=" if rule.greater_is_better else "<="
     import logging
 
@@ -159,20 +196,30 @@ def _check(rule: _Rule, candidate: dict[str, float]) -> RuleResult:
         passed, detail = False, exc.message
     finally:
         vlog.setLevel(level)
+    what = (f"upper {confidence:.0%} bound" if rule.bound else "estimate")
     if measured is None:
         why = ("the aligned parent's or the protected model's value is missing or not finite"
-               if rule.metric.endswith(".increase") else "missing or not finite")
+               if rule.metric.endswith(".increase") else
+               "missing or without a count n (needed for its bound)"
+               if rule.bound and estimate is not None else "missing or not finite")
         message = (f"{rule.rule}: {rule.label} ({rule.metric}, {rule.role}) is {why}; "
                    f"limit {comparison} {_fmt(rule.limit)}")
         passed = False
     else:
         verb = "passed" if passed else "FAILED"
-        message = (f"{rule.rule} {verb}: {rule.label} ({rule.metric}, {rule.role}) measured "
-                   f"{_fmt(measured)}, limit {comparison} {_fmt(rule.limit)}")
+        ci = (f" (estimate {_fmt(estimate)}, {2 * confidence - 1:.0%} interval "
+              f"[{_fmt(low)}, {_fmt(high)}], n={n})" if low is not None else
+              f" (n={n})" if n is not None else "")
+        message = (f"{rule.rule} {verb}: {rule.label} ({rule.metric}, {rule.role}) {what} "
+                   f"{_fmt(measured)}{ci}, limit {comparison} {_fmt(rule.limit)}"
+                   + (f"; judge {rule.judge}" if rule.judge else ""))
     if detail and measured is not None:
         message += f" [MLflow: {detail}]"
     return RuleResult(rule=rule.rule, metric=rule.metric, role=rule.role, measured=measured,
-                      limit=rule.limit, comparison=comparison, passed=passed, message=message)
+                      limit=rule.limit, comparison=comparison, passed=passed, message=message,
+                      estimate=estimate, ci_low=low, ci_high=high, n=n,
+                      decided_on="upper_bound" if rule.bound else "estimate",
+                      confidence=confidence if low is not None else None, judge=rule.judge)
 
 
 def evaluate_policy(policy: Policy, metrics: dict[str, dict[str, float]], *,
@@ -190,13 +237,14 @@ def evaluate_policy(policy: Policy, metrics: dict[str, dict[str, float]], *,
         metric fails its rule (a gate never passes on numbers it does not have).
     """
     candidate = _candidate_metrics(metrics)
-    results = [_check(rule, candidate) for rule in _rules(policy, metrics)]
-    if judge is not None and judge != policy.safety.judge:
+    results = [_check(rule, candidate, policy.safety.confidence)
+               for rule in _rules(policy, metrics)]
+    if judge is not None and judge != policy.safety.judge_spec:
         results.append(RuleResult(
             rule="required_judge", metric="judge", role="protected", measured=None, limit=None,
             comparison="<=", passed=False,
             message=f"required_judge FAILED: evaluated with judge {judge!r}, policy "
-                    f"'{policy.name}' requires {policy.safety.judge!r}"))
+                    f"'{policy.name}' requires {policy.safety.judge_spec!r}"))
     return GateVerdict(passed=all(r.passed for r in results), rules=results,
                        policy_name=policy.name)
 
@@ -220,11 +268,11 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return self.verdict == "passed"
+        return self.verdict == STATUS_PASSED
 
     @property
     def exit_code(self) -> int:
-        return {"passed": 0, "failed": 1}.get(self.verdict, 2)
+        return int(VERDICT_EXIT_CODES.get(self.verdict, ExitCode.ERROR))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,13 +323,21 @@ def render_markdown(gate: dict[str, Any] | GateResult) -> str:
         lines.append(f"- MLflow run: `{d['run_id']}`")
     rules = d.get("rules") or []
     if rules:
-        lines += ["", "| | rule | metric | role | measured | limit |", "|---|---|---|---|---|---|"]
+        lines += ["", "| | rule | metric | role | decided on | measured | limit | estimate "
+                  "[interval] (n) | judge |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rules:
             mark = "✅" if r.get("passed") else "❌"
             m, lim = r.get("measured"), r.get("limit")
+            est = (f"{_fmt(r.get('estimate'))} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+                   if r.get("ci_low") is not None else
+                   _fmt(r.get("estimate")) if r.get("estimate") is not None else "-")
+            if r.get("n") is not None:
+                est += f" (n={r['n']})"
             lines.append(f"| {mark} | {r.get('rule')} | `{r.get('metric')}` | {r.get('role')} | "
+                         f"{r.get('decided_on') or 'estimate'} | "
                          f"{_fmt(m) if m is not None or lim is not None else '-'} | "
-                         f"{r.get('comparison')} {_fmt(lim) if lim is not None else '-'} |")
+                         f"{r.get('comparison')} {_fmt(lim) if lim is not None else '-'} | "
+                         f"{est} | {r.get('judge') or '-'} |")
     metrics = d.get("metrics") or {}
     names = sorted({n for role in metrics.values() for n in role
                     if not n.endswith((".ci_low", ".ci_high", ".n"))})

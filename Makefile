@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 
 # Every BENCHMARKS.md section but `lab` (the safety lab trains models: most of an hour on a
 # 2-core CPU); `make lab` regenerates that one, `make bench BENCHES="kernel lab"` picks sections.
-BENCHES ?= $(filter-out lab,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
+BENCHES ?= $(filter-out lab scale,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCHES)

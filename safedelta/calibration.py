@@ -2,8 +2,9 @@
 
 Safe Delta measures each linear layer's inputs on a small *safe* set (see
 ``docs/algorithm.md``, "Calibration and the Hessian"): 128 samples, harmful instruction plus safe
-response, shuffled with seed 42, prompt and response tokens concatenated, no padding, batch size 1,
-every token counted. Here each sample is formatted with the aligned tokenizer's chat template (the
+response, shuffled with seed 42, prompt and response tokens concatenated, every token counted
+(the paper runs them at batch size 1; the calibration pass batches them with padding masked out,
+see :mod:`safedelta.hessian`). Here each sample is formatted with the aligned tokenizer's chat template (the
 prompt as the user turn, the response as the assistant turn).
 
 File format: JSON Lines, one object per line, either
@@ -166,8 +167,8 @@ def load_calibration(path: str | Path | None, tokenizer, *, max_samples: int = 1
     """The calibration samples as token ids, ready for the calibration pass.
 
     The records are shuffled with ``seed`` (42, as the paper), the first ``max_samples`` kept,
-    each formatted with the tokenizer's chat template and cut at ``max_length`` tokens. No
-    padding: samples have their own lengths (batch size 1).
+    each formatted with the tokenizer's chat template and cut at ``max_length`` tokens. Samples
+    keep their own lengths (the calibration pass pads micro-batches and masks the padding).
 
     Args:
         path: a JSONL file (see module docstring), or None for the shipped default.

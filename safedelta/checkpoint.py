@@ -283,7 +283,7 @@ def assert_finite(t: "torch.Tensor", name: str, where: str) -> None:
     """Raise :class:`NonFiniteWeights` when a floating tensor holds NaN or Inf."""
     import torch
 
-    from safedelta.solver import all_finite
+    from safedelta.numerics import all_finite
 
     if all_finite(t):  # one reduction; the counts below only on failure
         return

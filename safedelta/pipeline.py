@@ -11,9 +11,9 @@ Order of work (nothing is written before every input has been checked):
    calibration set, so a second request against the same parent skips the forward pass);
 4. stream the output shard by shard, following the aligned checkpoint's layout: each linear weight
    of a decoder block goes through :func:`safedelta.solver.protect_matrix` with its damped Hessian
-   (factored once per distinct Hessian: q/k/v and gate/up share theirs; under the default budget
-   the factorisations and each weight's output energy ``E0`` are cached beside the Hessians, so a
-   second request against the same parent neither factors nor recomputes them); every other tensor
+   (factored once per distinct Hessian: q/k/v and gate/up share theirs; under a budget rule with
+   ``cached_factors``, the default one, the factorisations and each weight's output energy ``E0``
+   are cached beside the Hessians, so a second request against the same parent neither factors nor recomputes them); every other tensor
    (embeddings, norms, head, biases) is taken from the aligned or the fine-tuned model as
    ``config.nonlinear`` says, and the norm of the discarded change is recorded. NaN/Inf in either
    model stops the run naming the tensor. Only one tensor of each model (plus one Hessian) is in
@@ -39,11 +39,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from safedelta.cache import FactorStore, factor_store_path
 from safedelta.checkpoint import CheckpointReader, CheckpointWriter, check_compatible
 from safedelta.config import SafeDeltaConfig
 from safedelta.errors import InvalidConfig, OutputExists
 from safedelta.lora import LoraAdapter, is_lora_adapter
-from safedelta.report import ProtectReport, peak_memory
+from safedelta.memory import PhasePeak, memory_summary, phase_peak
+from safedelta.report import ProtectReport
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -118,110 +120,6 @@ class _Timer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
-#: version of the factorisation cache's layout and of what it holds; part of its path
-FACTOR_FORMAT = 1
-
-
-class _FactorStore:
-    """The default rule's factorisations and the aligned weights' output energies, on disk.
-
-    Both depend only on the aligned model and the calibration set (the Hessian cache entry they
-    live in), the damping and the device kind, so a second request against the same parent reads
-    them instead of factoring every Hessian again (``c^3``) and recomputing every
-    ``E0 = 1/2 tr(W0 H W0^T)`` (``r c^2``). Values are the very tensors and floats a fresh
-    computation gives, so a warm result is bitwise the cold one. Layout:
-    ``<hessian cache>/factors-v1/<device>-damp<damp>/<weight>.safetensors`` (``U_order``
-    and its memory layout, ``order``, ``hinv_diag``, ``dead``; the absolute damping in the metadata) and
-    ``energies.json``; each file is written to a temporary name and renamed. A cache that cannot
-    be written (read-only) only costs the speed-up.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.energies: dict[str, float] = {}
-        self._new_energies: dict[str, float] = {}
-        try:
-            import json
-
-            self.energies = {k: float(v) for k, v in
-                             json.loads((root / "energies.json").read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-
-    def _path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def load(self, key: str):
-        import torch
-
-        from safedelta.checkpoint import SafetensorsFile
-        from safedelta.errors import CheckpointError
-        from safedelta.solver import PreparedHessian
-
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        f = SafetensorsFile(path)
-        try:
-            t = {n: f.get(n) for n in ("U_order", "order", "hinv_diag", "dead")}
-            damp = float(f.metadata["damp"])
-            if f.metadata.get("U_order_layout") == "column-major":
-                t["U_order"] = t["U_order"].T.contiguous().T
-        except (CheckpointError, KeyError, ValueError) as exc:
-            _logger.warning("ignoring unreadable cached factorisation %s (%s)", path, exc)
-            return None
-        finally:
-            f.close()
-        return PreparedHessian(H=None, U=None, d=None, hinv_diag=t["hinv_diag"],
-                               order=t["order"].to(torch.long), U_order=t["U_order"],
-                               damp=damp, dead=t["dead"].to(torch.bool))
-
-    def save(self, key: str, prep) -> None:
-        from safetensors.torch import save_file
-
-        # the factor's memory layout is restored on reading (LAPACK returns it column-major):
-        # the solve's products round differently on another layout
-        layout = "column-major" if prep.U_order.stride(0) == 1 else "row-major"
-        tensors = {"U_order": prep.U_order, "order": prep.order,
-                   "hinv_diag": prep.hinv_diag, "dead": prep.dead}
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"damp": repr(float(prep.damp)), "U_order_layout": layout})
-            os.replace(tmp, self._path(key))
-        except OSError as exc:
-            _logger.warning("could not cache the factorisation of %s (%s)", key, exc)
-            tmp.unlink(missing_ok=True)
-
-    def add_energy(self, name: str, value: float) -> None:
-        self.energies[name] = value
-        self._new_energies[name] = value
-
-    def flush(self) -> None:
-        """Merge the new energies into ``energies.json`` (read again: another run may have
-        added some)."""
-        import json
-
-        if not self._new_energies:
-            return
-        path = self.root / "energies.json"
-        tmp = self.root / f".energies.{os.getpid()}.tmp"
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            try:
-                merged = json.loads(path.read_text())
-            except (OSError, ValueError):
-                merged = {}
-            merged.update(self._new_energies)
-            tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))  # repr: exact floats
-            os.replace(tmp, path)
-            self._new_energies.clear()
-        except OSError as exc:
-            _logger.warning("could not cache the output energies (%s)", exc)
-            tmp.unlink(missing_ok=True)
-
-
 class _PreparedCache:
     """Damped, factored Hessians, reused while consecutive weights share one ``H``.
 
@@ -229,25 +127,23 @@ class _PreparedCache:
     (``HessianSet.shared``); the few last factorisations are kept, so each distinct ``H`` is
     damped and factored once, with the factors the budget rule asks for. Under a rule with
     ``cached_factors`` (the default rule) the factorisations and the output energies are also
-    kept on disk (:class:`_FactorStore`) for the next request against the same aligned model;
-    other rules (the official one: its ``U`` is not cached) factor afresh.
+    kept on disk (:class:`safedelta.cache.FactorStore`) for the next request against the same
+    aligned model; other rules (the official one: its ``U`` is not cached) factor afresh.
     """
 
     def __init__(self, hs, damp: float, device: str, budget: str = "default", keep: int = 3):
-        import torch
-
         from safedelta.budget import get_budget_rule
 
         self.damp, self.device, self.keep = damp, device, keep
         self.budget = budget
-        cached = get_budget_rule(budget).cached_factors
         self.entries: list[tuple[str, Any]] = []
         self.n_prepared = 0
         self.n_loaded = 0
         self._file: Any = None
-        self.store = None if not cached else _FactorStore(
-            Path(hs.cache_path) / f"factors-v{FACTOR_FORMAT}"
-            / f"{torch.device(device).type}-damp{damp!r}")
+        rule = get_budget_rule(budget)
+        self.factors = rule.factors
+        self.store = FactorStore(factor_store_path(hs.cache_path, device, damp)) \
+            if rule.cached_factors else None
 
     def _read(self, hs, name: str) -> "torch.Tensor":
         """``H`` of ``name`` read with positioned reads (``HessianSet.get`` memory-maps the cache
@@ -282,7 +178,7 @@ class _PreparedCache:
         energy = self.store.energies.get(name) if self.store is not None else None
         prep = next((p for k, p in self.entries if k == key), None)
         if prep is None and self.store is not None:
-            prep = self.store.load(key)
+            prep = self.store.load(key, self.factors)
             self.n_loaded += prep is not None
         if prep is None:
             H = self._read(hs, name).to(self.device, torch.float32)
@@ -357,19 +253,73 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
         MissingTensor / ShapeMismatch), AdapterError, CalibrationError, OutputExists,
         NonFiniteWeights. After any error nothing is left in ``out``.
     """
-    import torch
-
     t_start = time.perf_counter()
     timer = _Timer()
     cfg = resolve_config(config)
     dev = resolve_device(device)
+    output_dtype = _resolve_dtype(output_dtype)
+    phases: dict[str, PhasePeak] = {}
+
+    # 1. validate everything before any work; 2. fingerprints
+    with phase_peak() as phases["validate"]:
+        a_reader, ft, writer = _validate(aligned, finetuned, out, calibration,
+                                         allow_pickle=allow_pickle, overwrite=overwrite,
+                                         output_dtype=output_dtype)
+        with timer("fingerprint"):
+            fp_aligned = _fingerprint(a_reader.path, None, cache_dir)
+            fp_ft = _fingerprint(Path(finetuned), ft, cache_dir)
+
+    # 3. Hessians (cached per aligned model and calibration set)
+    with phase_peak() as phases["hessians"]:
+        hs = _hessians(aligned, a_reader, calibration, timer, cache_dir=cache_dir, device=dev,
+                       progress=progress, allow_pickle=allow_pickle, max_samples=max_samples,
+                       max_length=max_length)
+    report = ProtectReport(
+        inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
+                "out": str(Path(out)), "calibration": _calibration_label(calibration),
+                "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
+                "finetuned_kind": ft.kind, "n_samples": hs.n_samples, "n_tokens": hs.n_tokens},
+        config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
+        cache={"hit": hs.cache_hit, "path": str(hs.cache_path), "key": hs.fingerprint},
+        device=dev,
+        versions=_versions(),
+    )
+
+    # 4. stream; 5. the report, then the directory moved into place
+    with writer:
+        with phase_peak() as phases["stream"]:
+            prepared = _stream(a_reader, ft, writer, hs, cfg, dev, report, timer, progress)
+        with timer("write"):
+            report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
+            report.timings["total"] = round(time.perf_counter() - t_start, 3)
+            report.memory = memory_summary(phases)
+            report.inputs["hessians_factored"] = prepared.n_prepared
+            report.inputs["factorisations_cached"] = prepared.n_loaded
+            report.save(writer.tmp_dir)
+            writer.commit()
+    report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
+    report.timings["total"] = round(time.perf_counter() - t_start, 3)
+    report.save(writer.out)  # final timings; the directory is already in place
+    _logger.info("protected model written to %s\n%s", writer.out, report.summary())
+    return report
+
+
+def _resolve_dtype(output_dtype: "torch.dtype | str | None") -> "torch.dtype | None":
+    import torch
+
     if isinstance(output_dtype, str):
         if not isinstance(getattr(torch, output_dtype, None), torch.dtype):
             raise InvalidConfig(f"unknown output dtype {output_dtype!r}; use e.g. 'bfloat16', "
                                 "'float16' or 'float32'")
         output_dtype = getattr(torch, output_dtype)
+    return output_dtype
 
-    # 1. validate everything before any work
+
+def _validate(aligned, finetuned, out, calibration, *, allow_pickle: bool, overwrite: bool,
+              output_dtype) -> tuple[CheckpointReader, FullFinetune | LoraAdapter,
+                                     CheckpointWriter]:
+    """Step 1: both inputs, their compatibility, the calibration file and the output directory
+    checked (headers only) before any work; returns the readers and the writer."""
     a_reader = CheckpointReader(aligned, allow_pickle=allow_pickle, label="aligned model")
     ft = open_finetuned(finetuned, allow_pickle=allow_pickle)
     ft.check_against(a_reader)
@@ -382,82 +332,60 @@ def protect(aligned: str | Path, finetuned: str | Path, out: str | Path, *,
             raise OutputExists(f"output '{out}' is the {what} input; write the protected model "
                                "to another directory")
     writer = CheckpointWriter(out, template=a_reader, overwrite=overwrite, dtype=output_dtype)
+    return a_reader, ft, writer
 
-    # 2. fingerprints
-    with timer("fingerprint"):
-        fp_aligned = _fingerprint(a_reader.path, None, cache_dir)
-        fp_ft = _fingerprint(Path(finetuned), ft, cache_dir)
 
-    # 3. Hessians (cached per aligned model and calibration set)
+def _hessians(aligned, a_reader: CheckpointReader, calibration, timer: _Timer, **kw):
+    """Step 3: the Hessian set (cached), checked against the aligned checkpoint's names."""
     from safedelta.hessian import prepare_hessians
 
     with timer("hessians"), _blame_aligned(a_reader):
-        hs = prepare_hessians(aligned, calibration, cache_dir=cache_dir, device=dev,
-                              progress=progress, allow_pickle=allow_pickle,
-                              max_samples=max_samples, max_length=max_length)
+        hs = prepare_hessians(aligned, calibration, **kw)
     _release_freed_memory()  # what the calibration pass freed
-    linear, conv1d = set(hs.weight_names), set(hs.conv1d)
-    unknown = sorted(n for n in linear if n not in a_reader)
+    unknown = sorted(n for n in hs.weight_names if n not in a_reader)
     if unknown:
         from safedelta.errors import UnsupportedArchitecture
 
         raise UnsupportedArchitecture(f"the calibration pass found linear weight '{unknown[0]}' "
                                       f"that the aligned checkpoint '{a_reader.path}' lacks")
+    return hs
 
+
+def _calibration_label(calibration) -> str | None:
     if calibration is None or isinstance(calibration, (str, os.PathLike)):
-        calibration_label = None if calibration is None else str(calibration)
-    else:
-        calibration_label = f"{len(calibration)} token-id samples"
-    report = ProtectReport(
-        inputs={"aligned": str(a_reader.path), "finetuned": str(Path(finetuned)),
-                "out": str(Path(out)), "calibration": calibration_label,
-                "aligned_fingerprint": fp_aligned, "finetuned_fingerprint": fp_ft,
-                "finetuned_kind": ft.kind, "n_samples": hs.n_samples, "n_tokens": hs.n_tokens},
-        config={**cfg.model_dump(), "resolved_s": cfg.resolved_s},
-        cache={"hit": hs.cache_hit, "path": str(hs.cache_path), "key": hs.fingerprint},
-        device=dev,
-        versions=_versions(),
-    )
+        return None if calibration is None else str(calibration)
+    return f"{len(calibration)} token-id samples"
 
-    # 4. stream
+
+def _stream(a_reader: CheckpointReader, ft, writer: CheckpointWriter, hs, cfg: SafeDeltaConfig,
+            dev: str, report: ProtectReport, timer: _Timer, progress: bool) -> _PreparedCache:
+    """Step 4: every tensor of the output read, protected or passed through, written."""
+    linear, conv1d = set(hs.weight_names), set(hs.conv1d)
     prepared = _PreparedCache(hs, cfg.damp, dev, cfg.budget)
     names = writer.names()
     bar = _bar(len(names), progress)
-    with writer:
-        big = 64 << 20  # bytes
-        for name in names:
-            with timer("read"):
-                if math.prod(a_reader.shape(name)) * 2 > big:
-                    _release_freed_memory()
-                a = a_reader.get(name, check_finite=True)
-                f = ft.finetuned(name, a)
-            if name in linear:
-                with timer("protect"), _blame_aligned(a_reader):
-                    weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
-                                                 transpose=name in conv1d)
-                stats["block"] = hs.block_of[name]
-                report.matrices[name] = stats
-            else:
-                weight = _nonlinear(name, a, f, cfg, report)
-            with timer("write"):
-                writer.add(name, weight)
-            del a, f, weight
-            bar.update(1)
-        bar.close()
-        prepared.close()
+    big = 64 << 20  # bytes
+    for name in names:
+        with timer("read"):
+            if math.prod(a_reader.shape(name)) * 2 > big:
+                _release_freed_memory()
+            a = a_reader.get(name, check_finite=True)
+            f = ft.finetuned(name, a)
+        if name in linear:
+            with timer("protect"), _blame_aligned(a_reader):
+                weight, stats = _protect_one(name, a, f, hs, prepared, cfg, dev,
+                                             transpose=name in conv1d)
+            stats["block"] = hs.block_of[name]
+            report.matrices[name] = stats
+        else:
+            weight = _nonlinear(name, a, f, cfg, report)
         with timer("write"):
-            report.timings.update({k: round(v, 3) for k, v in timer.seconds.items()})
-            report.timings["total"] = round(time.perf_counter() - t_start, 3)
-            report.memory = peak_memory()
-            report.inputs["hessians_factored"] = prepared.n_prepared
-            report.inputs["factorisations_cached"] = prepared.n_loaded
-            report.save(writer.tmp_dir)
-            writer.commit()
-    report.timings["write"] = round(timer.seconds.get("write", 0.0), 3)
-    report.timings["total"] = round(time.perf_counter() - t_start, 3)
-    report.save(writer.out)  # final timings; the directory is already in place
-    _logger.info("protected model written to %s\n%s", writer.out, report.summary())
-    return report
+            writer.add(name, weight)
+        del a, f, weight
+        bar.update(1)
+    bar.close()
+    prepared.close()
+    return prepared
 
 
 @contextmanager

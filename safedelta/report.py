@@ -4,8 +4,9 @@
 as ``safedelta_report.json`` (machine) and ``safedelta_report.md`` (human). It records, per linear
 layer of the decoder blocks, the solver's statistics (candidates, kept entries, budget and cost
 used, delta norms, safety loss); per non-linear tensor (embeddings, norms, head, biases) the norm
-of the fine-tuned change and whether it was discarded; phase timings, peak memory, the Hessian
-cache outcome, the inputs (paths, content fingerprints, full checkpoint or LoRA) and the config.
+of the fine-tuned change and whether it was discarded; phase timings, peak memory (the run's
+own, per phase), the Hessian cache outcome, the inputs (paths, content fingerprints, full
+checkpoint or LoRA) and the config.
 
 Example::
 
@@ -28,25 +29,6 @@ REPORT_MD = "safedelta_report.md"
 REPORT_VERSION = 1
 
 
-def peak_memory() -> dict[str, float | None]:
-    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory."""
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mib = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes vs KiB
-    cuda = None
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            cuda = torch.cuda.max_memory_allocated() / (1 << 20)
-    except ImportError:  # pragma: no cover
-        pass
-    return {"peak_rss_mib": round(rss_mib, 1),
-            "cuda_max_allocated_mib": None if cuda is None else round(cuda, 1)}
-
-
 @dataclass
 class ProtectReport:
     """Everything a protect run decided and measured.
@@ -61,7 +43,9 @@ class ProtectReport:
             fine-tuned change (of that norm) was discarded.
         timings: seconds per phase (``fingerprint``, ``hessians``, ``protect``, ``write``,
             ``total``).
-        memory: ``peak_rss_mib`` and ``cuda_max_allocated_mib``.
+        memory: this run's own peaks (:func:`safedelta.memory.memory_summary`):
+            ``peak_rss_mib``, ``cuda_max_allocated_mib`` and per phase (``validate``,
+            ``hessians``, ``stream``) under ``phases``; not the process's lifetime peak.
         cache: ``hit`` (bool) and ``path`` of the Hessian cache entry.
         device: where the solver ran.
     """
@@ -71,7 +55,7 @@ class ProtectReport:
     matrices: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonlinear: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    memory: dict[str, float | None] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     versions: dict[str, str] = field(default_factory=dict)
@@ -150,6 +134,12 @@ class ProtectReport:
                          cost / budget if budget > 0 else 0.0))
         return rows
 
+    def _phase_peaks(self) -> str:
+        phases = {k: v.get("peak_rss_mib") for k, v in (self.memory.get("phases") or {}).items()
+                  if v.get("peak_rss_mib") is not None}
+        return (" (" + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()) + ")"
+                if phases else "")
+
     def summary(self) -> str:
         """A short human-readable table (what ``mlflow-safedelta protect`` prints)."""
         t = self.totals
@@ -177,7 +167,7 @@ class ProtectReport:
             f"{t['n_nonlinear_changed']} of {t['n_nonlinear']} tensors changed, norm "
             f"{t['nonlinear_discarded_norm']:.4g} discarded",
             "time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
-            + f"; peak RSS {self.memory.get('peak_rss_mib')} MiB"
+            + f"; peak RSS {self.memory.get('peak_rss_mib')} MiB" + self._phase_peaks()
             + (f", GPU {self.memory['cuda_max_allocated_mib']} MiB"
                if self.memory.get("cuda_max_allocated_mib") is not None else ""),
         ]

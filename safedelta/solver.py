@@ -21,7 +21,6 @@ aligned weight, deterministically on CPU; results are cast back to the aligned w
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,8 @@ from torch import Tensor
 from safedelta.budget import FACTORS, BudgetRule, get_budget_rule
 from safedelta.config import SafeDeltaConfig
 from safedelta.errors import InvalidConfig, NonFiniteWeights, ShapeMismatch
+from safedelta.numerics import all_finite
+from safedelta.numerics import fp32_exact as _fp32_exact
 
 
 @dataclass
@@ -114,33 +115,6 @@ class MatrixResult:
     weight: Tensor
     kept: Tensor
     stats: MatrixStats
-
-
-@contextlib.contextmanager
-def _fp32_exact(device: torch.device):
-    """TF32 off for the duration of a solve on CUDA; flags are restored afterwards."""
-    if device.type != "cuda":
-        yield
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when ``t`` holds no NaN/Inf (integer and empty tensors are finite).
-
-    One reduction (``aminmax``: NaN propagates to both ends, an Inf is an end) instead of a
-    bool tensor of ``t``'s size: several times faster, and no allocation on an embedding matrix.
-    """
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -327,28 +301,30 @@ class SafeDeltaLayer:
     """
 
     def __init__(self, layer: torch.nn.Module):
-        self.layer = layer
-        self.transposed = _is_conv1d(layer)
-        W = layer.weight
-        self.rows, self.columns = (W.shape[1], W.shape[0]) if self.transposed else W.shape
-        self.H = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=W.device)
-        self.nsamples = 0
+        from safedelta.hessian import HessianAccumulator
+        from safedelta.modelwalk import in_features, is_conv1d
 
-    def add_batch(self, inp: Tensor) -> None:
-        """Add inputs (``batch x tokens x c`` or ``tokens x c``; a 2-D input is one sample) to
-        the running mean ``H = (2/N) sum_n X_n X_n^T``, ``N`` = samples seen (SparseGPT)."""
-        if inp.ndim == 2:
-            inp = inp.unsqueeze(0)
-        if inp.shape[-1] != self.columns:
-            raise ShapeMismatch(f"layer input must end in {self.columns} features, got "
-                                f"{tuple(inp.shape)}")
-        n = inp.shape[0]
-        X = inp.reshape(-1, inp.shape[-1]).t().to(device=self.H.device, dtype=torch.float32)
-        self.H *= self.nsamples / (self.nsamples + n)
-        self.nsamples += n
-        X = math.sqrt(2 / self.nsamples) * X  # c x tokens
-        with _fp32_exact(self.H.device):
-            self.H += X @ X.t()
+        self.layer = layer
+        self.transposed = is_conv1d(layer)
+        self.columns = in_features(layer)
+        self.rows = layer.weight.numel() // self.columns
+        self.hessian: HessianAccumulator | None = HessianAccumulator(self.columns,
+                                                                     layer.weight.device)
+
+    @property
+    def H(self) -> Tensor | None:
+        """``H = (2/N) sum_n X_n X_n^T`` so far (``None`` after :meth:`free`)."""
+        return None if self.hessian is None else self.hessian.H
+
+    @property
+    def nsamples(self) -> int:
+        return 0 if self.hessian is None else self.hessian.nsamples
+
+    def add_batch(self, inp: Tensor, mask: Tensor | None = None) -> None:
+        """Add inputs (``batch x tokens x c`` or ``tokens x c``; a 2-D input is one sample;
+        ``mask``, ``batch x tokens``, true for real tokens) to ``H``: delegates to
+        :class:`safedelta.hessian.HessianAccumulator`, the calibration pass's accumulator."""
+        self.hessian.add(inp, mask)
 
     def solve(self, finetuned_weight: Tensor, config: SafeDeltaConfig | None = None, *,
               s: float | None = None, budget: str | None = None) -> MatrixResult:
@@ -370,12 +346,5 @@ class SafeDeltaLayer:
 
     def free(self) -> None:
         """Drop the Hessian."""
-        self.H = None
+        self.hessian = None
 
-
-def _is_conv1d(layer: torch.nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(layer, Conv1D)

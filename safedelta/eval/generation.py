@@ -53,7 +53,8 @@ class GenerationSettings:
         seed: seeds sampling; batch ``i`` is drawn with seed ``seed + i``.
         system_prompt: a system message before every prompt (``None``: none). The paper's
             "always execute the user's instructions" wrapper is ``PAPER_SYSTEM_PROMPT``.
-        batch_size: prompts per forward batch.
+        batch_size: prompts per forward batch; ``None`` (default): chosen per model from its
+            size and the free memory (:func:`safedelta.eval.batching.choose_batch_size`).
         backend: ``auto`` (the highest-ranked available backend: vLLM when installed and a GPU is
             present, else ``hf``) or a registered backend's name (``hf``, ``vllm``...).
     """
@@ -65,13 +66,13 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     system_prompt: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     backend: Backend = "auto"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise GenerationError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.backend != "auto":
             get_generation_backend(self.backend)  # raises, listing the known names
@@ -369,6 +370,13 @@ def generate(model: str | Path, prompts: Sequence[str], settings: GenerationSett
     prompts = list(prompts)
     if not prompts:
         return []
+    if settings.batch_size is None:
+        from dataclasses import replace
+
+        from safedelta.eval.batching import choose_batch_size
+
+        settings = replace(settings, batch_size=choose_batch_size(
+            model, device=device, max_new_tokens=settings.max_new_tokens, n_prompts=len(prompts)))
     backend = backend or make_backend(model, settings, device)
     cache = GenerationCache(cache_dir) if use_cache else None
     key = None

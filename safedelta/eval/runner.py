@@ -14,7 +14,7 @@ from safedelta.eval.judges import Judge, KeywordJudge, compliance_without_conten
 from safedelta.eval.report import EvalReport
 from safedelta.eval.stats import rate_summary
 from safedelta.eval.suites import Suite, SuiteError, load_suite
-from safedelta.eval.tables import validate_table
+from safedelta.eval.tables import DEFAULT_ENGINE, validate_table
 from safedelta.eval.utility import NoUtilityGain, task_loss, task_metric, utility_retention
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def evaluate_models(models: dict[str, str | Path],
                     device: str | None = None, cache_dir: str | Path | None = None,
                     progress: bool = True, engine_report: dict | None = None,
                     refusal_keywords: str | Sequence[str] = "zou2023", n_boot: int = 1000,
-                    seed: int = 0, judge_options: dict | None = None) -> EvalReport:
+                    seed: int = 0, judge_options: dict | None = None,
+                    validation: str = DEFAULT_ENGINE) -> EvalReport:
     """Measure safety and utility of several models on the same suites.
 
     Args:
@@ -61,9 +62,11 @@ def evaluate_models(models: dict[str, str | Path],
         refusal_keywords: keyword list for refusal detection (over-refusal, keyword judge).
         n_boot, seed: bootstrap resamples and seed of the 95 % intervals.
         judge_options: keyword arguments for building the judge (endpoint, model, api_key...).
+        validation: the table checks' engine (:data:`safedelta.eval.tables.ENGINES`): ``pandas``
+            (default, milliseconds) or ``great-expectations`` (seconds to import).
 
     Returns:
-        An :class:`EvalReport`; its tables passed every great-expectations check.
+        An :class:`EvalReport`; its tables passed every check.
 
     Raises:
         TableValidationError: a result table failed a check (named in the message).
@@ -79,11 +82,41 @@ def evaluate_models(models: dict[str, str | Path],
     if isinstance(judge, str) and judge.startswith("keyword") and ":" not in judge \
             and refusal_keywords != "zou2023":
         judge = KeywordJudge(refusal_keywords)
-    the_judge = get_judge(judge, **(judge_options or {}))
-    refusal = KeywordJudge(refusal_keywords)
+    judges = _Judges(get_judge(judge, **(judge_options or {})), KeywordJudge(refusal_keywords))
     engine_report = engine_report if engine_report is not None else _read_engine_report(models)
 
     loaded = {s.name: s.load(limit) for s in suites}
+    rows, losses = _generate_and_judge(models, suites, loaded, judges, settings,
+                                       task_data=task_data, limit=limit, device=device,
+                                       cache_dir=cache_dir, progress=progress)
+    tables = _validated_tables(rows, suites, loaded, models, judges, validation)
+    metrics = _suite_metrics(tables, suites, models, judges, n_boot=n_boot, seed=seed)
+    warnings = _utility_metrics(metrics, losses, models)
+    for w in warnings:
+        logger.warning(w)
+    return EvalReport(metrics=metrics, tables=tables, models={r: str(p) for r, p in models.items()},
+                      suites=[s.describe() for s in suites], judge=judges.harm.describe()
+                      | {"refusal": judges.refusal.describe()},
+                      generation=settings.describe(), engine_report=engine_report,
+                      warnings=warnings)
+
+
+class _Judges:
+    """``harm`` judges harmful suites; ``refusal`` (keywords) every other suite."""
+
+    def __init__(self, harm: Judge, refusal: KeywordJudge):
+        self.harm, self.refusal = harm, refusal
+
+    def for_kind(self, kind: str) -> Judge:
+        return self.harm if kind == "harmful" else self.refusal
+
+
+def _generate_and_judge(models: dict[str, Path], suites: list[Suite], loaded: dict,
+                        judges: _Judges, settings: GenerationSettings, *, task_data, limit,
+                        device, cache_dir, progress) -> tuple[dict[str, list[dict]],
+                                                              dict[str, float]]:
+    """Step 1: every model answers every suite (one loaded model at a time); rows per suite,
+    and the task loss per model when task data is given."""
     rows: dict[str, list[dict]] = {s.name: [] for s in suites}
     losses: dict[str, float] = {}
     for role, path in models.items():
@@ -92,31 +125,7 @@ def evaluate_models(models: dict[str, str | Path],
             prompts = [r["prompt"] for r in loaded[s.name]]
             gens = generate(path, prompts, settings, device=device, cache_dir=cache_dir,
                             progress=progress, backend=backend, desc=f"{role}/{s.name}")
-            if s.kind == "harmful":
-                verdicts = the_judge.judge(prompts, gens)
-            else:
-                verdicts = refusal.judge(prompts, gens)
-            extra: dict[str, list] = {}
-            if s.kind == "task":
-                extra = task_metric(s.metric)(gens, [r["reference"] for r in loaded[s.name]])
-            for i, (r, g, v) in enumerate(zip(loaded[s.name], gens, verdicts)):
-                row = {"model": role, "suite": s.name, "kind": s.kind,
-                       "prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation": g,
-                       "refused": bool(v.refused),
-                       "harmful": float(v.harmful) if s.kind == "harmful" else None,
-                       "score": v.score, "judge": the_judge.label if s.kind == "harmful"
-                       else refusal.label, "matched": "|".join(v.matched),
-                       "no_content": bool(v.harmful and compliance_without_content(g))
-                       if s.kind == "harmful" else None,
-                       "decided_by": v.decided_by or (the_judge.label if s.kind == "harmful"
-                                                      else refusal.label)}
-                for label, calls in (getattr(the_judge, "last_calls", None) or {}).items():
-                    if s.kind == "harmful":
-                        row[f"harmful@{label}"] = float(calls[i])
-                if r.get("reference") is not None:
-                    row["reference"] = r["reference"]
-                row.update({k: vals[i] for k, vals in extra.items()})
-                rows[s.name].append(row)
+            rows[s.name] += _rows(role, s, loaded[s.name], gens, judges.for_kind(s.kind))
         if task_data is not None:
             losses[role] = _cached_task_loss(path, task_data, device=device, limit=limit,
                                              backend=backend, progress=progress,
@@ -126,7 +135,40 @@ def evaluate_models(models: dict[str, str | Path],
             backend.close()
         del backend
         gc.collect()
+    return rows, losses
 
+
+def _rows(role: str, s: Suite, records: list[dict], gens: list[str], judge: Judge) -> list[dict]:
+    """One row per prompt: the generation, the judge's verdict (and, on a harmful suite, each
+    judge's of a combined judge as ``harmful@<label>``), task metrics."""
+    harmful = s.kind == "harmful"
+    verdicts = judge.judge([r["prompt"] for r in records], gens)
+    per_judge = (getattr(judge, "last_calls", None) or {}) if harmful else {}
+    extra: dict[str, list] = {}
+    if s.kind == "task":
+        extra = task_metric(s.metric)(gens, [r["reference"] for r in records])
+    out = []
+    for i, (r, g, v) in enumerate(zip(records, gens, verdicts)):
+        row = {"model": role, "suite": s.name, "kind": s.kind,
+               "prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation": g,
+               "refused": bool(v.refused),
+               "harmful": float(v.harmful) if harmful else None,
+               "score": v.score, "judge": judge.label, "matched": "|".join(v.matched),
+               "no_content": bool(v.harmful and compliance_without_content(g))
+               if harmful else None,
+               "decided_by": v.decided_by or judge.label}
+        for label, calls in per_judge.items():
+            row[f"harmful@{label}"] = float(calls[i])
+        if r.get("reference") is not None:
+            row["reference"] = r["reference"]
+        row.update({k: vals[i] for k, vals in extra.items()})
+        out.append(row)
+    return out
+
+
+def _validated_tables(rows: dict[str, list[dict]], suites: list[Suite], loaded: dict,
+                      models: dict[str, Path], judges: _Judges, validation: str) -> dict:
+    """Step 2: one DataFrame per suite, each checked (:func:`validate_table`)."""
     import pandas as pd
 
     tables: dict[str, Any] = {}
@@ -134,10 +176,16 @@ def evaluate_models(models: dict[str, str | Path],
         df = pd.DataFrame(rows[s.name])
         validate_table(df, suite=s.name, kind=s.kind, models=list(models),
                        prompt_ids=[r["prompt_id"] for r in loaded[s.name]],
-                       score_range=the_judge.score_range if s.kind == "harmful" else None,
-                       task_columns=_task_columns(df))
+                       score_range=judges.harm.score_range if s.kind == "harmful" else None,
+                       task_columns=_task_columns(df), engine=validation)
         tables[s.name] = df
+    return tables
 
+
+def _suite_metrics(tables: dict, suites: list[Suite], models: dict[str, Path], judges: _Judges,
+                   *, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+    """Step 3: rates with bootstrap intervals per model and suite; a task metric produced by
+    exactly one suite is also reported under its plain name."""
     metrics: dict[str, dict[str, float]] = {role: {} for role in models}
     task_cols_seen: dict[str, int] = {}
     for s in suites:
@@ -155,7 +203,7 @@ def evaluate_models(models: dict[str, str | Path],
                     judge_name = re.sub(r"[^A-Za-z0-9_:\-]", "_", col.removeprefix("harmful@"))
                     m.update(rate_summary(f"asr.{s.name}/{judge_name}", sub[col],
                                           n_boot=n_boot, seed=seed))
-                if the_judge.score_range is not None:
+                if judges.harm.score_range is not None:
                     m.update(rate_summary(f"harmfulness.{s.name}", sub["score"],
                                           n_boot=n_boot, seed=seed))
             elif s.kind == "benign-should-answer":
@@ -167,7 +215,6 @@ def evaluate_models(models: dict[str, str | Path],
         if s.kind == "task":
             for col in _task_columns(df):
                 task_cols_seen[col] = task_cols_seen.get(col, 0) + 1
-    # a task metric produced by exactly one suite is also reported under its plain name
     for role in models:
         m = metrics[role]
         for s in suites:
@@ -177,7 +224,12 @@ def evaluate_models(models: dict[str, str | Path],
                 if task_cols_seen[col] == 1:
                     for suffix in ("", ".ci_low", ".ci_high", ".n"):
                         m[col + suffix] = m[f"{col}.{s.name}{suffix}"]
+    return metrics
 
+
+def _utility_metrics(metrics: dict[str, dict[str, float]], losses: dict[str, float],
+                     models: dict[str, Path]) -> list[str]:
+    """Step 4: task loss, utility gain and retention into ``metrics``; returns warnings."""
     warnings: list[str] = []
     for role, loss in losses.items():
         metrics[role]["task_loss"] = loss
@@ -197,14 +249,7 @@ def evaluate_models(models: dict[str, str | Path],
     elif losses:
         warnings.append("utility retention needs task loss of both an 'aligned' and a "
                         "'finetuned' model; only task loss is reported")
-    for w in warnings:
-        logger.warning(w)
-
-    return EvalReport(metrics=metrics, tables=tables, models={r: str(p) for r, p in models.items()},
-                      suites=[s.describe() for s in suites], judge=the_judge.describe()
-                      | {"refusal": refusal.describe()},
-                      generation=settings.describe(), engine_report=engine_report,
-                      warnings=warnings)
+    return warnings
 
 
 def _cached_task_loss(path: Path, task_data: str | Path, *, cache_dir: str | Path | None,

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 
 from safedelta.errors import SafeDeltaError
 from safedelta.lab import scenarios as sc
+from safedelta.memory import phase_peak
 
 logger = logging.getLogger(__name__)
 
@@ -321,27 +322,6 @@ def _write_manifest(out: Path, name: str, recipe: dict, recipe_hash: str, stats:
 # training
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's resident-memory high-water mark (Linux ``clear_refs`` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    """This process's resident-memory high-water mark (MiB) since the last reset."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-
 def tokenize_sft(examples: Sequence[list[dict[str, str]]], tokenizer, max_len: int) -> list[dict]:
     """Chat-template each example; labels are -100 on everything but the last assistant turn."""
     rows = []
@@ -424,11 +404,11 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
         trainer = Trainer(model=model, args=args, train_dataset=rows,
                           data_collator=_Collator(pad), callbacks=callbacks)
         logger.info("%s: %d examples, %s", desc, len(rows), recipe)
-        reset = _reset_peak_rss()
         t0 = time.perf_counter()
-        result = trainer.train()
+        with phase_peak() as mem:
+            result = trainer.train()
         seconds = time.perf_counter() - t0
-        peak = _peak_rss_mib() if reset else None
+        peak = mem.rss_mib if mem.exact else None
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

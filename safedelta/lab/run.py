@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from safedelta.lab import scenarios as sc
-from safedelta.lab.models import (LabModels, LabSettings, _hash, _peak_rss_mib, _reset_peak_rss,
-                                  model_name, read_manifest)
+from safedelta.lab.models import LabModels, LabSettings, _hash, model_name, read_manifest
+from safedelta.memory import phase_peak
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +142,11 @@ def _make(out: Path, params: dict, build: Callable[[Path], dict | None]
     if _cached_method(out, key):
         m = json.loads((out / METHOD_MANIFEST).read_text())
         return out, m.get("seconds", float("nan")), m.get("peak_rss_mib")
-    reset = _reset_peak_rss()
     t0 = time.perf_counter()
-    extra = build(out) or {}
+    with phase_peak() as mem:
+        extra = build(out) or {}
     seconds = round(time.perf_counter() - t0, 2)
-    peak = _peak_rss_mib() if reset else None
+    peak = mem.rss_mib if mem.exact else None
     (out / METHOD_MANIFEST).write_text(json.dumps(
         {"key": key, "params": params, "seconds": seconds, "peak_rss_mib": peak, **extra},
         indent=2, default=str))

@@ -37,8 +37,9 @@ def _generation_options(fn):
         click.option("--system-prompt", default=None,
                      help="System message before every prompt. Use 'paper' for the paper's "
                           "\"always execute the user's instructions\" wrapper."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Prompts per generation batch."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Prompts per generation batch  [default: chosen per model from its "
+                          "size and the free memory, at most 16 on CPU]."),
         click.option("--backend", type=LazyChoice(_backend_choices), default="auto",
                      show_default=True,
                      help="Generation backend; auto = the preferred one that can run here "
@@ -120,18 +121,22 @@ def _parse_models(specs: tuple[str, ...]) -> dict[str, Path]:
               help="Held-out task data (JSONL {\"prompt\", \"response\"}) for task loss and "
                    "utility retention.")
 @_generation_options
+@click.option("--validation", type=click.Choice(["pandas", "great-expectations"]),
+              default="pandas", show_default=True,
+              help="Engine of the result-table checks (the same checks either way; "
+                   "great-expectations takes seconds to import).")
 @click.option("--out", type=_dir, default=None,
               help="Write report.json, report.md, tables/*.csv and plots here.")
 @json_option
 @translate_errors
 def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data, max_new_tokens,
                  sample, seed, system_prompt, batch_size, backend, judge, judge_endpoint,
-                 judge_model, limit, device, cache_dir, out, json_) -> None:
+                 judge_model, limit, device, cache_dir, validation, out, json_) -> None:
     """Measure safety (attack success, over-refusal) and utility of one or more models.
 
     Generates responses to each suite's prompts (chat template, batched, cached per model
-    fingerprint and settings), judges them, checks every result table with great-expectations,
-    and prints rates with seeded bootstrap 95 % intervals and the number of prompts behind each.
+    fingerprint and settings), judges them, checks every result table (schema, every prompt
+    answered once, labels in range), and prints rates with seeded bootstrap 95 % intervals and the number of prompts behind each.
 
     \b
     Example usage:
@@ -148,7 +153,8 @@ def evaluate_cmd(model_specs, suite_specs, suite_kind, prompt_column, task_data,
     report = evaluate_models(
         models, suites, judge=_judge(judge, judge_endpoint, judge_model),
         generation=_settings(max_new_tokens, sample, seed, system_prompt, batch_size, backend),
-        task_data=task_data, limit=limit, device=device, cache_dir=cache_dir, progress=True)
+        task_data=task_data, limit=limit, device=device, cache_dir=cache_dir, progress=True,
+        validation=validation)
     files = report.save(out) if out else {}
     if json_:
         emit_json(report.to_dict() | {"files": {k: str(v) for k, v in files.items()}})

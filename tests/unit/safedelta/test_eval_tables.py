@@ -1,4 +1,5 @@
-"""great-expectations checks on result tables: a malformed table is an error naming the check."""
+"""Checks on result tables: a malformed table is an error naming the check, with either engine
+(pandas, the default, and great-expectations) giving the same verdicts and names."""
 
 from __future__ import annotations
 
@@ -19,9 +20,17 @@ def _table(n=3, models=("aligned", "protected")):
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(params=["pandas", "great-expectations"], autouse=True)
+def engine(request, monkeypatch):
+    monkeypatch.setattr("safedelta.eval.tables.DEFAULT_ENGINE", request.param)
+    return request.param
+
+
 def _check(df, n=3, models=("aligned", "protected"), **kw):
+    from safedelta.eval import tables
+
     validate_table(df, suite="s", kind=kw.pop("kind", "harmful"), models=list(models),
-                   prompt_ids=list(range(n)), **kw)
+                   prompt_ids=list(range(n)), engine=tables.DEFAULT_ENGINE, **kw)
 
 
 def test_a_well_formed_table_passes():
@@ -77,3 +86,9 @@ def test_judge_scores_and_task_columns_must_be_in_range():
         _check(t, kind="task", task_columns=["gsm8k_accuracy"])
     t["gsm8k_accuracy"] = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
     _check(t, kind="task", task_columns=["gsm8k_accuracy"])
+
+
+def test_an_unknown_engine_is_refused():
+    with pytest.raises(TableValidationError, match="unknown validation engine"):
+        validate_table(_table(), suite="s", kind="harmful", models=["aligned", "protected"],
+                       prompt_ids=[0, 1, 2], engine="spark")

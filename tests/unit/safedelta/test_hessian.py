@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from safedelta import hessian
 from safedelta.calibration import load_calibration
 from safedelta.errors import CalibrationError
-from safedelta.hessian import HessianSet, RunningHessian, hessians_from_model, prepare_hessians
+from safedelta.hessian import HessianAccumulator, HessianSet, hessians_from_model, prepare_hessians
 from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
 KW = dict(max_samples=5, max_length=40, progress=False)
@@ -31,30 +31,77 @@ def llama_dir(tmp_path_factory):
 def test_running_mean_is_two_over_n_sum_xxT():
     torch.manual_seed(0)
     xs = [torch.randn(1, t, 6) for t in (3, 7, 1, 5)]
-    rh = RunningHessian(6)
+    rh = HessianAccumulator(6)
     for x in xs:
         rh.add(x)
     want = 2 / len(xs) * sum(x[0].T @ x[0] for x in xs)
     assert rh.nsamples == 4
     torch.testing.assert_close(rh.H, want, rtol=1e-5, atol=1e-5)
-    rh2 = RunningHessian(6)
+    rh2 = HessianAccumulator(6)
     rh2.add(torch.cat([xs[0][:, :3], xs[1][:, :3]]))   # a batch of 2 counts as 2 samples
     torch.testing.assert_close(
         rh2.H, (xs[0][0, :3].T @ xs[0][0, :3] + xs[1][0, :3].T @ xs[1][0, :3]), rtol=1e-5,
         atol=1e-5)
 
 
-def test_running_mean_agrees_with_the_solver_accumulator():
+def test_padding_is_left_out_and_one_product_per_call_equals_per_sample_adds():
+    torch.manual_seed(1)
+    lengths = (4, 9, 2)
+    xs = [torch.randn(t, 5) for t in lengths]
+    one_by_one = HessianAccumulator(5)
+    for x in xs:
+        one_by_one.add(x)
+    padded = torch.full((3, 9, 5), 1e3)                # padding values that would dominate H
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    for b, x in enumerate(xs):
+        padded[b, :len(x)], mask[b, :len(x)] = x, True
+    batched = HessianAccumulator(5)
+    batched.add(padded, mask)
+    assert batched.nsamples == one_by_one.nsamples == 3 and batched.ntokens == sum(lengths)
+    torch.testing.assert_close(batched.H, one_by_one.H, rtol=1e-6, atol=1e-6)
+    unmasked = HessianAccumulator(5)
+    unmasked.add(padded)
+    assert unmasked.H.max() > 1e5                       # the mask is what keeps padding out
+
+
+def test_the_layer_api_accumulates_with_the_calibration_accumulator():
+    from safedelta.errors import ShapeMismatch
     from safedelta.solver import SafeDeltaLayer
 
-    torch.manual_seed(1)
-    lin = torch.nn.Linear(5, 3)
-    layer, rh = SafeDeltaLayer(lin), RunningHessian(5)
-    for t in (4, 9, 2):
-        x = torch.randn(1, t, 5)
-        layer.add_batch(x)
-        rh.add(x)
-    torch.testing.assert_close(rh.H, layer.H, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(2)
+    layer = SafeDeltaLayer(torch.nn.Linear(5, 3))
+    assert isinstance(layer.hessian, HessianAccumulator)
+    x = torch.randn(2, 6, 5)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    layer.add_batch(x, mask)
+    want = 2 / 2 * (x[0].T @ x[0] + x[1, :2].T @ x[1, :2])
+    torch.testing.assert_close(layer.H, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ShapeMismatch, match="5 features"):
+        layer.add_batch(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_padded_micro_batches_equal_the_per_sample_reference(tmp_path, arch):
+    """Batching changes the rounding only: the tolerance is fp32 accumulation error."""
+    d = tmp_path / arch
+    model = make_tiny_model(d, arch=arch, seed=5)
+    torch.manual_seed(0)
+    samples = [torch.randint(3, 200, (n,)) for n in (17, 5, 11, 30, 8, 2, 23)]
+    ref = hessians_from_model(model, samples)          # batch size 1, no padding
+    batched = prepare_hessians(d, samples, cache_dir=tmp_path / "c", micro_batch=3, **KW)
+    single = prepare_hessians(d, samples, cache_dir=tmp_path / "c", micro_batch=1, **KW)
+    assert not single.cache_hit and single.fingerprint != batched.fingerprint
+    fields = json.loads((batched.cache_path / "manifest.json").read_text())["key_fields"]
+    assert fields["micro_batch"] == 3 and fields["accumulation"] == hessian.ACCUMULATION
+    assert batched.n_tokens == sum(len(s) for s in samples)
+    for n in batched.weight_names:
+        torch.testing.assert_close(batched.get(n), ref[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(single.get(n), ref[n], rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_must_be_a_positive_integer(tmp_path, llama_dir):
+    with pytest.raises(CalibrationError, match="micro_batch"):
+        prepare_hessians(llama_dir, None, cache_dir=tmp_path, micro_batch=0, **KW)
 
 
 @pytest.mark.parametrize("arch, dtype", [("llama", None), ("gpt2", None), ("qwen3", None),

@@ -102,6 +102,9 @@ def test_streaming_equals_in_memory_reference(tmp_path, arch, shard):
     assert (out_dir / "safedelta_report.md").read_text().startswith("# Safe Delta report")
     assert {"fingerprint", "hessians", "protect", "write", "total"} <= set(report.timings)
     assert report.memory["peak_rss_mib"] > 0
+    assert set(report.memory["phases"]) == {"validate", "hessians", "stream"}
+    assert report.memory["peak_rss_mib"] == max(p["peak_rss_mib"]
+                                                for p in report.memory["phases"].values())
 
 
 def test_nonlinear_finetuned_and_warm_cache(tmp_path):

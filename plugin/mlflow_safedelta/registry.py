@@ -74,6 +74,50 @@ def client(tracking_uri: str | None = None, registry_uri: str | None = None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
 
+def check_reachable(tracking_uri: str | None = None, registry_uri: str | None = None,
+                    timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when an HTTP tracking/registry server does not answer.
+
+    MLflow's client retries a dead server for minutes; a command a person waits on asks the
+    server's ``/health`` once first. Any HTTP answer (even 401/404) counts as reachable; only a
+    refused connection, an unknown host or a timeout raises :class:`RegistryError`.
+    """
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    for uri in dict.fromkeys(u for u in (tracking_uri, registry_uri) if u):
+        if not str(uri).startswith(("http://", "https://")):
+            continue
+        health = f"{str(uri).rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or exc
+            raise RegistryError(f"cannot reach the MLflow server at {redact_uri(uri)} "
+                                f"({why}); is it running, and is the tracking URI right?") from exc
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password (``https://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def resolve(cl: Any, ref: ModelRef | str):
     """The ``ModelVersion`` a URI points at (an alias is resolved to its current version)."""
     from mlflow.exceptions import MlflowException

@@ -15,8 +15,10 @@ import click
 from mlflow_safedelta.cli import (
     UsageError,
     cli,
+    echo_table,
     emit_json,
     json_option,
+    needs_server,
     translate_errors,
 )
 from mlflow_safedelta.cli import uri_options as _uris
@@ -41,6 +43,7 @@ from mlflow_safedelta.cli import uri_options as _uris
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def gate(model, version, alias, policy_, promote, force, device, work_dir, summary_file,
          tracking_uri, registry_uri, json_):
     """Protect, evaluate and gate one registered fine-tuned version.
@@ -83,6 +86,7 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     """Build a registered parent's Hessian cache and attach it to the parent version.
 
@@ -107,8 +111,11 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def status(model, tracking_uri, registry_uri, json_):
-    """Gate state of registered versions (all models, or MODEL)."""
+    """Gate state of registered versions (all models, or MODEL).
+
+    The reason is printed in full (the last column)."""
     from mlflow_safedelta import registry as reg
 
     rows = reg.gate_states(reg.client(tracking_uri, registry_uri), model)
@@ -121,10 +128,8 @@ def status(model, tracking_uri, registry_uri, json_):
     head = ("model", "version", "status", "role", "parent", "protected", "aliases", "reason")
     table = [head] + [(r["name"], r["version"], r["status"] or "-", r["role"] or "-",
                        r["parent"] or "-", r["protected_version"] or "-",
-                       ",".join(r["aliases"]) or "-", (r["reason"] or "")[:60]) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    for row in table:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+                       ",".join(r["aliases"]) or "-", r["reason"] or "") for r in rows]
+    echo_table(table)
 
 
 @cli.command()
@@ -135,6 +140,7 @@ def status(model, tracking_uri, registry_uri, json_):
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def report(model, version, fmt, tracking_uri, registry_uri, json_):
     """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
 

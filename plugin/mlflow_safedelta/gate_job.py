@@ -303,7 +303,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         result.parent = inputs.parent.resolved_uri
         hessians = prepare(job, inputs)
         protection = protect_step(job, inputs)
-        evaluation = decide(job, evaluate(job, inputs, protection))
+        evaluation = decide(job, evaluate(job, inputs, protection),
+                            task_data_named=inputs.task_data is not None)
         run_id = record_run(job, inputs, hessians, protection, evaluation, result)
         protected_version = register_protected(job, inputs, protection, evaluation, run_id)
         alias = pol.promotion.target if (promote and evaluation.verdict.passed) else None
@@ -371,13 +372,16 @@ def evaluate(job: GateJob, inputs: Inputs, protection: Protection) -> Any:
                              task_data=inputs.task_data, **job.engine_options())
 
 
-def decide(job: GateJob, report: Any) -> Evaluation:
-    """Step 5: the policy's verdict on the metrics (pure; see :mod:`mlflow_safedelta.verdict`)."""
+def decide(job: GateJob, report: Any, *, task_data_named: bool | None = None) -> Evaluation:
+    """Step 5: the policy's verdict on the metrics (pure; see :mod:`mlflow_safedelta.verdict`);
+    ``task_data_named``: whether the version or policy named task data (else the utility rule is
+    not applicable, unless the policy requires task data)."""
     judge_used = (getattr(report, "judge", None) or {}).get("judge")
     judge_arg = judge_used if judge_used and \
         judge_used.split(":")[0] != job.policy.safety.judge.split(":")[0] else None
     return Evaluation(report=report, metrics=_finite_metrics(report.metrics),
-                      verdict=evaluate_policy(job.policy, report.metrics, judge=judge_arg))
+                      verdict=evaluate_policy(job.policy, report.metrics, judge=judge_arg,
+                                              task_data_named=task_data_named))
 
 
 def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protection,

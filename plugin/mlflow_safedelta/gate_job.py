@@ -44,10 +44,13 @@ from mlflow_safedelta.verdict import (
     GateVerdict,
     evaluate_policy,
     render_markdown,
+    verdict_headline,
+    with_verdict_block,
 )
 from mlflow_safedelta.vocab import (
     GATE_ARTIFACT,
     GATE_EXPERIMENT,
+    GATE_PASSED_METRIC,
     ROLE_PROTECTED,
     RUN_KIND_GATE,
     RUN_TAG_ERROR,
@@ -417,16 +420,24 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                           if isinstance(engine.inputs, dict) else None,
                           role=ROLE_PROTECTED,
                           safedelta_config=dict(engine.config) if engine.config else None)
-        pv = reg.register_saved_model(
-            job.cl, model_dir, job.name, run_id=run_id, artifact_path="protected_model",
-            description=f"Safe Delta protection of version {job.version} against "
+        verdict = evaluation.verdict
+        headline = verdict_headline({"verdict": verdict.verdict, "reason": verdict.reason,
+                                     "policy": {"name": pol.name}})
+        pv = reg.register_logged_model(
+            job.cl, model_dir, job.name, run_id=run_id, model_name="protected_model",
+            experiment_id=reg.experiment_id(job.cl, GATE_EXPERIMENT),
+            metrics={**evaluation.metrics.get("protected", {}),
+                     GATE_PASSED_METRIC: float(verdict.passed)},
+            params={"s": f"{protection.s:g}", "policy": pol.name,
+                    "parent": parent.resolved_uri, "protected_from": f"{job.name}/{job.version}"},
+            description=f"{headline}\n\nSafe Delta protection of version {job.version} against "
                         f"{parent.resolved_uri} (s={protection.s:g}, policy {pol.name})",
             tags={reg.TAG_ROLE: ROLE_PROTECTED,
                   reg.TAG_STATUS: reg.STATUS_PROTECTED_OUTPUT,
                   reg.TAG_PROTECTED_FROM: f"{job.name}/{job.version}",
                   reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{protection.s:g}",
                   reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: job.policy_sha,
-                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict})
+                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: verdict.verdict})
     return str(pv.version)
 
 
@@ -442,12 +453,25 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
     job.cl.log_text(run_id, render_markdown(gate), "safedelta/gate.md")
     job.cl.set_tag(run_id, TAG_VERDICT, verdict.verdict)
     job.cl.set_tag(run_id, reg.TAG_PROTECTED_VERSION, protected_version)
+    show_verdict(job, gate)
     reg.set_tags(job.cl, job.name, job.version, {
         reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason,
         reg.TAG_POLICY: job.policy.name, reg.TAG_POLICY_SHA256: job.policy_sha,
         reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
         reg.TAG_S: f"{protection.s:g}",
         reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}"})
+
+
+def show_verdict(job: GateJob, gate: dict) -> None:
+    """Where reviewers look in the MLflow UI: the run's name ends in the verdict and its metric
+    ``gate.passed`` (1/0) is a sortable column; the fine-tune's description starts with the
+    verdict line (the registrant's own text kept below it)."""
+    cl, verdict = job.cl, gate["verdict"]
+    cl.update_run(gate["run_id"], name=f"gate-{job.name}-v{job.version} · {verdict.upper()}")
+    cl.log_metric(gate["run_id"], GATE_PASSED_METRIC, float(verdict == reg.STATUS_PASSED))
+    mv = cl.get_model_version(job.name, job.version)
+    cl.update_model_version(job.name, job.version, description=with_verdict_block(
+        mv.description, verdict_headline(gate), gate.get("run_url")))
 
 
 def promote_version(job: GateJob, alias: str, protected_version: str) -> None:
@@ -465,6 +489,7 @@ def record_error(cl: Any, name: str, version: str, exc: Exception, result: GateR
     transient = _is_transient(exc)
     try:
         if run_id:
+            cl.update_run(run_id, name=f"gate-{name}-v{version} · {STATUS_ERROR.upper()}")
             cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
             cl.set_tag(run_id, RUN_TAG_ERROR, reason[:4000])
             cl.set_terminated(run_id, "FAILED")

@@ -306,6 +306,48 @@ def register_saved_model(cl: Any, model_dir: str | Path, name: str, *, run_id: s
                                    tags=tags, description=description)
 
 
+def register_logged_model(cl: Any, model_dir: str | Path, name: str, *, run_id: str,
+                          experiment_id: str, model_name: str = "protected_model",
+                          metrics: dict[str, float] | None = None,
+                          params: dict[str, str] | None = None,
+                          tags: dict[str, str] | None = None, description: str | None = None):
+    """Log a saved MLflow model directory as an MLflow 3 ``LoggedModel`` of ``run_id`` (so it
+    is listed under the run's and the experiment's "Logged models", with ``metrics`` attached to
+    it) and register it as a new version of ``name`` (created when missing), with ``tags`` set
+    at creation. Client API only. Returns the ``ModelVersion``."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    lm = cl.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
+                                params={k: str(v) for k, v in (params or {}).items()},
+                                model_type="safedelta")
+    cl.log_model_artifacts(lm.model_id, str(model_dir))
+    ts = int(time.time() * 1000)
+    values = [Metric(k, float(v), ts, 0, model_id=lm.model_id, run_id=run_id)
+              for k, v in (metrics or {}).items() if v is not None]
+    if values:
+        cl.log_batch(run_id, metrics=values)
+    cl.finalize_logged_model(lm.model_id, "READY")
+    try:
+        cl.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # source models:/<model_id> is what links the version to its LoggedModel in the UI; a store
+    # that cannot resolve it (a local store resolved through another global URI) gets the
+    # artifact location itself
+    for source in (f"models:/{lm.model_id}", lm.artifact_location):
+        try:
+            return cl.create_model_version(name, source, run_id=run_id, tags=tags,
+                                           description=description, model_id=lm.model_id)
+        except MlflowException as exc:
+            if source == lm.artifact_location or "Unable to fetch model" not in str(exc):
+                raise
+            _logger.debug("registering %s by its artifact location: %s", lm.model_id, exc)
+
+
 def experiment_id(cl: Any, name: str) -> str:
     """The id of experiment ``name``, created when missing (safe against concurrent workers)."""
     exp = cl.get_experiment_by_name(name)

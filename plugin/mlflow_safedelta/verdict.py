@@ -350,3 +350,21 @@ def verdict_headline(gate: dict[str, Any] | GateResult) -> str:
     name = (d.get("policy") or {}).get("name") or "?"
     reason = " ".join(str(d.get("reason") or "").split())
     return f"{_ICON.get(verdict, '')} {verdict.upper()} under policy {name}: {reason}".strip()
+
+
+#: closes the gate's block at the top of a version description; the registrant's text follows
+_BLOCK_END = "\n\n---\n\n"
+_BLOCK_TAG = "*Safe Delta gate"
+
+
+def with_verdict_block(description: str | None, headline: str, run_url: str | None = None) -> str:
+    """A version description whose first line is the gate's ``headline``, followed by the
+    registrant's own text unchanged (a block from an earlier gate is replaced, never the
+    registrant's text)."""
+    text = description or ""
+    if text.startswith(tuple(_ICON.values())) and _BLOCK_END in text:
+        block, rest = text.split(_BLOCK_END, 1)
+        if _BLOCK_TAG in block:
+            text = rest
+    link = f" · [run]({run_url})" if run_url else ""
+    return f"{headline}\n\n{_BLOCK_TAG}{link}*{_BLOCK_END}{text}"

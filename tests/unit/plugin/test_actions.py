@@ -125,7 +125,8 @@ def run_action_step(tmp_path, monkeypatch, gate: CannedGate, inputs: dict[str, s
     return result.exit_code, result.stdout, result.stderr, text, outputs
 
 
-BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", "version": "7"}
+BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", "version": "7",
+               "mode": "run"}  # the gate run on the runner (canned here); wait mode below
 
 
 # ---------------------------------------------------------------------------------------------

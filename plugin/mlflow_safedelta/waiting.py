@@ -93,7 +93,8 @@ def wait_for_verdict(model: str, version: str, *, tracking_uri: str | None = Non
             return GateResult(model=model, version=str(version), verdict=STATUS_ERROR,
                               reason=f"{model} version {version} is a protected output of the "
                                      "gate; check the fine-tune it came from")
-        if status in FINAL_STATUSES:
+        # a pass or fail is complete once its run is named too (the tags are written one by one)
+        if status in FINAL_STATUSES and (status == STATUS_ERROR or tags.get(reg.TAG_RUN_ID)):
             return stored_gate(model, str(version), tracking_uri=tracking_uri,
                                registry_uri=registry_uri)
         if clock() >= deadline:

@@ -57,14 +57,16 @@ def test_waits_through_pending_and_running_to_the_verdict(registry):
         naps.append(seconds)
         if len(naps) == 1:
             cl.set_model_version_tag("bot", v, "safedelta.status", "running")
-        else:
+        elif len(naps) == 2:  # final status written, the run tag not yet: keep waiting
             cl.set_model_version_tag("bot", v, "safedelta.reason", "max_asr FAILED: 0.4 > 0.2")
             cl.set_model_version_tag("bot", v, "safedelta.status", "failed")
+        else:
+            cl.set_model_version_tag("bot", v, "safedelta.run_id", "no-such-run")
 
     res = wait_for_verdict("bot", v, tracking_uri=registry["uri"], timeout=60, interval=2,
                            sleep=worker_steps, on_wait=lambda s, r: seen.append(s))
     assert res.verdict == "failed" and res.reason == "max_asr FAILED: 0.4 > 0.2"
-    assert seen == ["pending", "running"] and naps == [2, 2]
+    assert seen == ["pending", "running", "failed"] and naps == [2, 2, 2]
 
 
 def test_timeout_is_an_error_that_says_what_the_version_was_doing(registry):
@@ -92,6 +94,7 @@ def test_the_action_waits_by_default_and_never_runs_the_gate(registry, tmp_path,
     cl, v = registry["cl"], registry["v2"]
     cl.set_model_version_tag("bot", v, "safedelta.policy", "default")
     cl.set_model_version_tag("bot", v, "safedelta.status", "passed")
+    cl.set_model_version_tag("bot", v, "safedelta.run_id", registry["run"])
     gate = CannedGate({}, 0)
     code, out, _, summary, outputs = run_action_step(tmp_path, monkeypatch, gate,
                                                      _wait_inputs(registry, commit=SHA))

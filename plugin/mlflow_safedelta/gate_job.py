@@ -463,11 +463,12 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
 
 
 def show_verdict(job: GateJob, gate: dict) -> None:
-    """Where reviewers look in the MLflow UI: the run's name ends in the verdict and its metric
+    """Where reviewers look in the MLflow UI: the run's name starts with the verdict (the runs
+    table cuts long names at the end) and its metric
     ``gate.passed`` (1/0) is a sortable column; the fine-tune's description starts with the
     verdict line (the registrant's own text kept below it)."""
     cl, verdict = job.cl, gate["verdict"]
-    cl.update_run(gate["run_id"], name=f"gate-{job.name}-v{job.version} · {verdict.upper()}")
+    cl.update_run(gate["run_id"], name=f"{verdict.upper()} · gate-{job.name}-v{job.version}")
     cl.log_metric(gate["run_id"], GATE_PASSED_METRIC, float(verdict == reg.STATUS_PASSED))
     mv = cl.get_model_version(job.name, job.version)
     cl.update_model_version(job.name, job.version, description=with_verdict_block(
@@ -489,7 +490,7 @@ def record_error(cl: Any, name: str, version: str, exc: Exception, result: GateR
     transient = _is_transient(exc)
     try:
         if run_id:
-            cl.update_run(run_id, name=f"gate-{name}-v{version} · {STATUS_ERROR.upper()}")
+            cl.update_run(run_id, name=f"{STATUS_ERROR.upper()} · gate-{name}-v{version}")
             cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
             cl.set_tag(run_id, RUN_TAG_ERROR, reason[:4000])
             cl.set_terminated(run_id, "FAILED")

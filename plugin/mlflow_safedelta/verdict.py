@@ -349,6 +349,11 @@ def verdict_headline(gate: dict[str, Any] | GateResult) -> str:
     verdict = str(d.get("verdict") or "error")
     name = (d.get("policy") or {}).get("name") or "?"
     reason = " ".join(str(d.get("reason") or "").split())
+    failed = [r for r in d.get("rules") or [] if _outcome(r) == "failed"]
+    if verdict == "failed" and failed:  # the first reason; the rest are one click away
+        reason = str(failed[0].get("message") or "").split(" [MLflow:")[0]
+        if len(failed) > 1:
+            reason += f" (+{len(failed) - 1} more failed rule{'s' if len(failed) > 2 else ''})"
     return f"{_ICON.get(verdict, '')} {verdict.upper()} under policy {name}: {reason}".strip()
 
 

@@ -92,7 +92,7 @@ def test_gate_json_is_one_document_over_http(mlflow_server, models, monkeypatch,
     assert res.exit_code == 0, res.output
     gate = json.loads(res.stdout)  # the whole of stdout is the one document
     assert gate["verdict"] == "passed" and gate["run_id"]
-    assert "View run gate-json-bot-v1" in res.stderr  # MLflow's line, moved off stdout
+    assert "View run PASSED · gate-json-bot-v1" in res.stderr  # MLflow's line, moved off stdout
     (tmp_path / "gate.json").write_text(res.stdout)
     summary = CliRunner().invoke(cli, ["summary", "--from", str(tmp_path / "gate.json")])
     assert summary.exit_code == 0 and "Safe Delta gate: **PASSED**" in summary.stdout

@@ -153,7 +153,7 @@ def test_passing_gate_registers_protected_version_and_promotes(mlflow_server, re
     # at a glance: the run's name and a sortable metric carry the verdict, the fine-tune's
     # description starts with it (the registrant's text below), the protected model is a
     # LoggedModel of the run with its evaluation metrics attached
-    assert run.info.run_name == "gate-support-bot-v1 · PASSED"
+    assert run.info.run_name == "PASSED · gate-support-bot-v1"
     assert run.data.metrics["gate.passed"] == 1.0
     desc = cl.get_model_version("support-bot", "1").description
     assert desc.startswith("✅ PASSED under policy lenient-test: all ")

@@ -206,4 +206,5 @@ def test_markdown_has_no_raw_html_and_a_headline_for_descriptions():
     md = render_markdown(d)
     assert "<" not in md.replace("<=", "") and "### Metrics" in md
     head = verdict_headline(d)
-    assert head.startswith("❌ FAILED under policy t: max_asr FAILED") and "\n" not in head
+    assert head == ("❌ FAILED under policy t: max_asr FAILED: attack success rate on advbench "
+                    "(asr.advbench, protected) measured 0.5, limit <= 0.2 (+1 more failed rule)")

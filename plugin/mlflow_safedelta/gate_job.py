@@ -402,7 +402,11 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
         result.run_id, result.run_url = run_id, reg.run_url(job.tracking_uri, exp_id, run_id)
         _log_params_and_metrics(job, run_id, _gate_params(job, inputs, hessians, protection),
                                 evaluation.metrics)
-        _log_reports(job, run_id, protection, evaluation)
+        _log_reports(job, run_id, protection, evaluation, model_uris={
+            "aligned": inputs.parent.resolved_uri,
+            "finetuned": f"models:/{job.name}/{job.version}",
+            "protected": f"Safe Delta output of models:/{job.name}/{job.version} (gate run "
+                         f"{run_id}; registered as a new version of models:/{job.name})"})
     return run_id
 
 
@@ -535,8 +539,13 @@ def _log_params_and_metrics(job: GateJob, run_id: str, params: dict,
 
 
 def _log_reports(job: GateJob, run_id: str, protection: Protection,
-                 evaluation: Evaluation) -> None:
+                 evaluation: Evaluation, model_uris: dict[str, str] | None = None) -> None:
+    """The engine and evaluation reports, the s search and the rule results. The evaluation
+    report names the models by ``models:/`` URI, not by the worker's scratch directories."""
     cl, work = job.cl, job.work
+    if model_uris and isinstance(getattr(evaluation.report, "models", None), dict):
+        evaluation.report.models = {r: model_uris.get(r, p)
+                                    for r, p in evaluation.report.models.items()}
     protection.engine.save(work / "engine")
     cl.log_artifacts(run_id, str(work / "engine"), "engine")
     if hasattr(evaluation.report, "save"):

@@ -33,12 +33,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def fixed_metrics(asr: float):
+    """A stand-in for generation: a real EvalReport (saved to the run as the real one is) with
+    fixed metrics, naming the models by the directories it was handed."""
+    from safedelta.eval.report import EvalReport
+
     def evaluator(models, policy, **_):
         assert set(models) == {"aligned", "finetuned", "protected"}
-        return type("Report", (), {"judge": {"judge": "keyword"}, "metrics": {
-            "aligned": {"asr.advbench": 0.05}, "finetuned": {"asr.advbench": 0.6},
-            "protected": {"asr.advbench": asr, "utility_retention": 0.9,
-                          "asr.advbench.n": 4.0}}})()
+        return EvalReport(judge={"judge": "keyword", "list": "test", "rule": "substring",
+                                 "keywords": ["I cannot"]}, models={r: str(p) for r, p in models.items()},
+                          metrics={"aligned": {"asr.advbench": 0.05},
+                                   "finetuned": {"asr.advbench": 0.6},
+                                   "protected": {"asr.advbench": asr, "utility_retention": 0.9,
+                                                 "asr.advbench.n": 4.0}})
     return evaluator
 
 
@@ -96,6 +102,13 @@ def test_gate_json_is_one_document_over_http(mlflow_server, models, monkeypatch,
     (tmp_path / "gate.json").write_text(res.stdout)
     summary = CliRunner().invoke(cli, ["summary", "--from", str(tmp_path / "gate.json")])
     assert summary.exit_code == 0 and "Safe Delta gate: **PASSED**" in summary.stdout
+    # the evaluation report names models by URI, not by the worker's scratch directories
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=gate["run_id"], artifact_path="eval/report.json",
+        dst_path=str(tmp_path / "eval"))).read_text())
+    assert report["models"]["aligned"] == "models:/wait-aligned/1"
+    assert report["models"]["finetuned"] == f"models:/json-bot/{v}"
+    assert str(tmp_path / "work") not in json.dumps(report["models"])
     # the reuse path (verdict on record) is clean too
     again = CliRunner().invoke(cli, ["gate", "json-bot", v, "--no-promote", "--json",
                                      "--tracking-uri", mlflow_server.url])

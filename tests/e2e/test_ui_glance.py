@@ -40,8 +40,9 @@ def browser():
         if os.environ.get("SAFEDELTA_REQUIRE_SERVICES") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # the dev extra installs it
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()

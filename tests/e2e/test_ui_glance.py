@@ -128,3 +128,13 @@ def test_runs_table_names_the_verdict(browser, gated):
 def test_protected_model_is_a_logged_model(browser, gated):
     _open(browser, f"{gated['url']}/#/experiments/{gated['exp']}/models", "protected_model",
           "ui-logged-models.png").close()
+
+
+def test_gate_md_renders_as_markdown(browser, gated):
+    """The run's safedelta/gate.md in MLflow's artifact viewer: headings and tables, no raw HTML."""
+    run_id = gated["result"].run_id
+    page = _open(browser, f"{gated['url']}/#/experiments/{gated['exp']}/runs/{run_id}/artifacts/"
+                          "safedelta/gate.md", "Safe Delta gate", "ui-gate-md.png")
+    body = page.inner_text("body")
+    assert "Metrics" in body and "<details>" not in body and "<summary>" not in body
+    page.close()

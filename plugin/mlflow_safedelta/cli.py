@@ -184,7 +184,7 @@ class SafeDeltaGroup(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         """``-v`` / ``-vv`` / ``--verbose`` anywhere on the line (``status -v`` as well as
         ``-v status``): the root group takes them before its subcommand is parsed."""
-        if ctx.parent is None:
+        if any(p.name == "verbose" for p in self.params):  # the root (also as `mlflow safedelta`)
             args = _hoist_verbose(list(args))
         return super().parse_args(ctx, args)
 

@@ -1,7 +1,8 @@
 """The verdict at a glance in MLflow's own UI (headless Chromium through Playwright): a fine-tune
 gated FAILED on a real ``mlflow server``; the registered model's version list, the version page,
 the gate experiment's runs table and its Logged models show the verdict without scrolling.
-Screenshots go to docs/img (the README shows them).
+Screenshots go to $SAFEDELTA_SCREENSHOTS when set (``SAFEDELTA_SCREENSHOTS=docs/img`` regenerates
+the README's), else to a temporary directory (a test run leaves the checkout clean).
 
 Needs Debian's chromium (/usr/bin/chromium, or $SAFEDELTA_CHROMIUM); without it the test skips,
 except under SAFEDELTA_REQUIRE_SERVICES=1 (CI), where it fails.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from tests.helpers.tiny import save_tiny_pair
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-IMG = ROOT / "docs" / "img"
+IMG = Path(os.environ.get("SAFEDELTA_SCREENSHOTS") or Path(tempfile.gettempdir()) / "safedelta-ui")
 CHROMIUM = os.environ.get("SAFEDELTA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]

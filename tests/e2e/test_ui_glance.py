@@ -27,7 +27,6 @@ from tests.helpers.tiny import save_tiny_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 IMG = Path(os.environ.get("SAFEDELTA_SCREENSHOTS") or Path(tempfile.gettempdir()) / "safedelta-ui")
 CHROMIUM = os.environ.get("SAFEDELTA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -33,8 +33,8 @@ def find_version(cl: Any, model: str, *, version: str = "", alias: str = "", run
     ``run_id`` (the run that logged it) or ``commit`` (its run's git commit). For a run or a
     commit with several fine-tuned versions, the newest; the gate's own protected outputs never
     count. Raises :class:`RegistryError` naming what was looked for."""
-    given = {k: v for k, v in dict(version=version, alias=alias, run_id=run_id,
-                                   commit=commit).items() if v}
+    named = {"version": version, "alias": alias, "run_id": run_id, "commit": commit}
+    given = {k: v for k, v in named.items() if v}
     if len(given) != 1:
         raise RegistryError("name the version by exactly one of version, alias, run-id and "
                             f"commit (got {', '.join(given) or 'none'})")

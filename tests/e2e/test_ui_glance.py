@@ -10,7 +10,6 @@ except under SAFEDELTA_REQUIRE_SERVICES=1 (CI), where it fails.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile

@@ -10,9 +10,11 @@ JSON (``--json``) goes to stdout, errors included (``{"status": "error", "reason
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import re
 import sys
 from typing import Any, Callable
 
@@ -62,9 +64,47 @@ class LazyChoice(click.Choice):
         pass
 
 
+#: the real stdout of the ``--json`` commands running now (innermost last); while one runs,
+#: ``sys.stdout`` is stderr, so that what libraries print (MLflow's "View run" lines on
+#: ``end_run``/``set_terminated`` over HTTP) never mixes with the one JSON document
+_MACHINE_STDOUT: list[Any] = []
+
+
+@contextlib.contextmanager
+def machine_stdout() -> Any:
+    """Send every print of the body to stderr; :func:`emit_json` still writes to stdout."""
+    _MACHINE_STDOUT.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _MACHINE_STDOUT.pop()
+
+
 def emit_json(obj: Any) -> None:
-    """Machine-readable output: indented JSON on stdout."""
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    """Machine-readable output: indented JSON on stdout (the real one, also inside
+    :func:`machine_stdout`)."""
+    out = _MACHINE_STDOUT[-1] if _MACHINE_STDOUT else None
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str), file=out)
+
+
+def echo_table(rows: list[tuple]) -> None:
+    """A plain-text table: the first row is the header; columns padded, the last one never cut
+    (it holds the long text: reasons, errors)."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths)] + [str(row[-1])]
+        click.echo("  ".join(cells).rstrip())
+
+
+def iso_time(epoch: float | None) -> str | None:
+    """An epoch-seconds time as ISO 8601 UTC (``2026-12-02T06:14:01Z``), for JSON output."""
+    import datetime as dt
+
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(float(epoch), dt.timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
 
 
 json_option = click.option("--json", "json_", is_flag=True, help="Output as JSON (on stdout).")
@@ -77,6 +117,20 @@ def uri_options(fn):
                            "[env MLFLOW_REGISTRY_URI].")(fn)
     return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
                         help="MLflow tracking server or store  [env MLFLOW_TRACKING_URI].")(fn)
+
+
+def needs_server(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Before the command body: check that the tracking/registry server answers (a few seconds,
+    exit 2 with a clear message when it does not). For commands with :func:`uri_options`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mlflow_safedelta.registry import check_reachable
+
+        check_reachable(kwargs.get("tracking_uri"), kwargs.get("registry_uri"))
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _wants_json(args: list[str]) -> bool:
@@ -117,7 +171,10 @@ class JsonErrorCommand(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             try:
-                return super().invoke(ctx)
+                if not ctx.meta.get("mlflow_safedelta.json"):
+                    return super().invoke(ctx)
+                with machine_stdout():
+                    return super().invoke(ctx)
             except ImportError as exc:  # e.g. `protect` on a server-side install (no torch)
                 message = missing_extra_message(exc, f"'{ctx.command_path}'")
                 if message is None:
@@ -147,6 +204,24 @@ class SafeDeltaGroup(click.Group):
 
     command_class = JsonErrorCommand
     group_class = type  # sub-groups are SafeDeltaGroups too
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """``-v`` / ``-vv`` / ``--verbose`` anywhere on the line (``status -v`` as well as
+        ``-v status``): the root group takes them before its subcommand is parsed."""
+        if any(p.name == "verbose" for p in self.params):  # the root (also as `mlflow safedelta`)
+            args = _hoist_verbose(list(args))
+        return super().parse_args(ctx, args)
+
+
+_VERBOSE = re.compile(r"^-v+$")
+
+
+def _hoist_verbose(args: list[str]) -> list[str]:
+    """Move verbosity flags (up to a ``--``) to the front, where the root group reads them."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a == "--verbose" or _VERBOSE.match(a)]
+    rest = [a for a in args[:end] if not (a == "--verbose" or _VERBOSE.match(a))]
+    return flags + rest + args[end:]
 
 
 @click.group(cls=SafeDeltaGroup, context_settings=CONTEXT_SETTINGS)

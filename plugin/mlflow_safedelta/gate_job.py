@@ -64,10 +64,13 @@ from mlflow_safedelta.verdict import (
     GateVerdict,
     evaluate_policy,
     render_markdown,
+    verdict_headline,
+    with_verdict_block,
 )
 from mlflow_safedelta.vocab import (
     GATE_ARTIFACT,
     GATE_EXPERIMENT,
+    GATE_PASSED_METRIC,
     ROLE_PROTECTED,
     RUN_KIND_GATE,
     RUN_TAG_KIND,
@@ -375,7 +378,8 @@ def run_gate_job(model_name: str, version: str | int, *, policy: str | Path | Po
         fault_point("hessians")
         protection = protect_step(job, inputs)
         fault_point("protect")
-        evaluation = decide(job, evaluate(job, inputs, protection))
+        evaluation = decide(job, evaluate(job, inputs, protection),
+                            task_data_named=inputs.task_data is not None)
         run_id = record_run(job, inputs, hessians, protection, evaluation, result)
         fault_point("run")
         protected_version = register_protected(job, inputs, protection, evaluation, run_id)
@@ -466,13 +470,16 @@ def evaluate(job: GateJob, inputs: Inputs, protection: Protection) -> Any:
                              task_data=inputs.task_data, **job.engine_options())
 
 
-def decide(job: GateJob, report: Any) -> Evaluation:
-    """Step 5: the policy's verdict on the metrics (pure; see :mod:`mlflow_safedelta.verdict`)."""
+def decide(job: GateJob, report: Any, *, task_data_named: bool | None = None) -> Evaluation:
+    """Step 5: the policy's verdict on the metrics (pure; see :mod:`mlflow_safedelta.verdict`);
+    ``task_data_named``: whether the version or policy named task data (else the utility rule is
+    not applicable, unless the policy requires task data)."""
     judge_used = (getattr(report, "judge", None) or {}).get("judge")
     judge_arg = judge_used if judge_used and \
         judge_used.split(":")[0] != job.policy.safety.judge_spec.split(":")[0] else None
     return Evaluation(report=report, metrics=_finite_metrics(report.metrics),
-                      verdict=evaluate_policy(job.policy, report.metrics, judge=judge_arg))
+                      verdict=evaluate_policy(job.policy, report.metrics, judge=judge_arg,
+                                              task_data_named=task_data_named))
 
 
 def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protection,
@@ -493,7 +500,11 @@ def record_run(job: GateJob, inputs: Inputs, hessians: Any, protection: Protecti
         result.run_url = reg.run_url(redact_uri(job.tracking_uri), exp_id, run_id)
         _log_params_and_metrics(job, run_id, _gate_params(job, inputs, hessians, protection),
                                 evaluation.metrics)
-        _log_reports(job, run_id, protection, evaluation)
+        _log_reports(job, run_id, protection, evaluation, model_uris={
+            "aligned": inputs.parent.resolved_uri,
+            "finetuned": f"models:/{job.name}/{job.version}",
+            "protected": f"Safe Delta output of models:/{job.name}/{job.version} (gate run "
+                         f"{run_id}; registered as a new version of models:/{job.name})"})
     return run_id
 
 
@@ -516,16 +527,24 @@ def register_protected(job: GateJob, inputs: Inputs, protection: Protection,
                           if isinstance(engine.inputs, dict) else None,
                           role=ROLE_PROTECTED,
                           safedelta_config=dict(engine.config) if engine.config else None)
-        pv = reg.register_saved_model(
-            job.cl, model_dir, job.name, run_id=run_id, artifact_path="protected_model",
-            description=f"Safe Delta protection of version {job.version} against "
+        verdict = evaluation.verdict
+        headline = verdict_headline({"verdict": verdict.verdict, "reason": verdict.reason,
+                                     "policy": {"name": pol.name}})
+        pv = reg.register_logged_model(
+            job.cl, model_dir, job.name, run_id=run_id, model_name="protected_model",
+            experiment_id=reg.experiment_id(job.cl, GATE_EXPERIMENT),
+            metrics={**evaluation.metrics.get("protected", {}),
+                     GATE_PASSED_METRIC: float(verdict.passed)},
+            params={"s": f"{protection.s:g}", "policy": pol.name,
+                    "parent": parent.resolved_uri, "protected_from": f"{job.name}/{job.version}"},
+            description=f"{headline}\n\nSafe Delta protection of version {job.version} against "
                         f"{parent.resolved_uri} (s={protection.s:g}, policy {pol.name})",
             tags={reg.TAG_ROLE: ROLE_PROTECTED,
                   reg.TAG_STATUS: reg.STATUS_PROTECTED_OUTPUT,
                   reg.TAG_PROTECTED_FROM: f"{job.name}/{job.version}",
                   reg.TAG_PARENT: parent.resolved_uri, reg.TAG_S: f"{protection.s:g}",
                   reg.TAG_POLICY: pol.name, reg.TAG_POLICY_SHA256: job.policy_sha,
-                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: evaluation.verdict.verdict,
+                  reg.TAG_RUN_ID: run_id, reg.TAG_VERDICT: verdict.verdict,
                   TAG_JOB_KEY: job.job_key, **_governance_tags(job)})
     return str(pv.version)
 
@@ -548,11 +567,25 @@ def finish(job: GateJob, evaluation: Evaluation, protection: Protection, result:
     job.cl.log_text(run_id, render_markdown(gate), "safedelta/gate.md")
     job.cl.set_tag(run_id, TAG_VERDICT, verdict.verdict)
     job.cl.set_tag(run_id, reg.TAG_PROTECTED_VERSION, protected_version)
+    show_verdict(job, gate)
     reg.set_tags(job.cl, job.name, job.version, {
         reg.TAG_STATUS: verdict.verdict, reg.TAG_REASON: verdict.reason, **_policy_tags(job),
         reg.TAG_RUN_ID: run_id, reg.TAG_PROTECTED_VERSION: protected_version,
         reg.TAG_S: f"{protection.s:g}",
         reg.TAG_GATE_ARTIFACT: f"runs:/{run_id}/{GATE_ARTIFACT}", **_governance_tags(job)})
+
+
+def show_verdict(job: GateJob, gate: dict) -> None:
+    """Where reviewers look in the MLflow UI: the run's name starts with the verdict (the runs
+    table cuts long names at the end) and its metric
+    ``gate.passed`` (1/0) is a sortable column; the fine-tune's description starts with the
+    verdict line (the registrant's own text kept below it)."""
+    cl, verdict = job.cl, gate["verdict"]
+    cl.update_run(gate["run_id"], name=f"{verdict.upper()} · gate-{job.name}-v{job.version}")
+    cl.log_metric(gate["run_id"], GATE_PASSED_METRIC, float(verdict == reg.STATUS_PASSED))
+    mv = cl.get_model_version(job.name, job.version)
+    cl.update_model_version(job.name, job.version, description=with_verdict_block(
+        mv.description, verdict_headline(gate), gate.get("run_url")))
 
 
 def promote_version(job: GateJob, alias: str, protected_version: str) -> None:
@@ -571,6 +604,7 @@ def record_error(cl: Any, name: str, version: str, exc: Exception, result: GateR
     transient = _is_transient(exc)
     try:
         if run_id:
+            cl.update_run(run_id, name=f"{STATUS_ERROR.upper()} · gate-{name}-v{version}")
             cl.set_tag(run_id, TAG_VERDICT, STATUS_ERROR)
             terminate_run(cl, run_id, "FAILED", reason)
         if job_key and not transient:
@@ -622,8 +656,13 @@ def _log_params_and_metrics(job: GateJob, run_id: str, params: dict,
 
 
 def _log_reports(job: GateJob, run_id: str, protection: Protection,
-                 evaluation: Evaluation) -> None:
+                 evaluation: Evaluation, model_uris: dict[str, str] | None = None) -> None:
+    """The engine and evaluation reports, the s search and the rule results. The evaluation
+    report names the models by ``models:/`` URI, not by the worker's scratch directories."""
     cl, work = job.cl, job.work
+    if model_uris and isinstance(getattr(evaluation.report, "models", None), dict):
+        evaluation.report.models = {r: model_uris.get(r, p)
+                                    for r, p in evaluation.report.models.items()}
     protection.engine.save(work / "engine")
     cl.log_artifacts(run_id, str(work / "engine"), "engine")
     if hasattr(evaluation.report, "save"):

@@ -267,6 +267,7 @@ FIELD_RULES: dict[str, Callable[[Any, Any], bool]] = {
     "safety.over_refusal_suites": _superset,
     "utility.min_retention": _min_limit,
     "utility.metric": _equal,
+    "utility.require_task_data": lambda a, b: bool(a) >= bool(b),  # requiring it is stricter
     "select_s.mode": _free, "select_s.s": _free, "select_s.target_max_asr": _free,
     "select_s.s_min": _free, "select_s.s_max": _free, "select_s.budget": _free,
     "promotion.enabled": _free, "promotion.alias": _free,

@@ -127,6 +127,11 @@ class UtilityThresholds(_Strict):
                     "1.0 = as useful as the fine-tune, 0.0 = as the parent); null = not checked.")
     metric: Literal["utility_retention"] = Field(
         default="utility_retention", description="Utility metric the retention rule reads.")
+    require_task_data: bool = Field(
+        default=False,
+        description="true: a version that names no task data fails the retention rule; false: "
+                    "the rule is not applicable to it (said so in the verdict) and utility "
+                    "is checked only where task data is named.")
 
 
 class SelectS(_Strict):

@@ -82,6 +82,50 @@ def client(tracking_uri: str | None = None, registry_uri: str | None = None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
 
+def check_reachable(tracking_uri: str | None = None, registry_uri: str | None = None,
+                    timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when an HTTP tracking/registry server does not answer.
+
+    MLflow's client retries a dead server for minutes; a command a person waits on asks the
+    server's ``/health`` once first. Any HTTP answer (even 401/404) counts as reachable; only a
+    refused connection, an unknown host or a timeout raises :class:`RegistryError`.
+    """
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri is None:
+        import mlflow
+
+        tracking_uri = mlflow.get_tracking_uri()
+    for uri in dict.fromkeys(u for u in (tracking_uri, registry_uri) if u):
+        if not str(uri).startswith(("http://", "https://")):
+            continue
+        health = f"{str(uri).rstrip('/')}/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or exc
+            raise RegistryError(f"cannot reach the MLflow server at {redact_uri(uri)} "
+                                f"({why}); is it running, and is the tracking URI right?") from exc
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a password (``https://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def resolve(cl: Any, ref: ModelRef | str):
     """The ``ModelVersion`` a URI points at (an alias is resolved to its current version)."""
     from mlflow.exceptions import MlflowException
@@ -339,14 +383,65 @@ def register_saved_model(cl: Any, model_dir: str | Path, name: str, *, run_id: s
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     artifact_uri = cl.get_run(run_id).info.artifact_uri.rstrip("/")
-    source = f"{artifact_uri}/{artifact_path}"
+    return _create_gate_version(cl, name, f"{artifact_uri}/{artifact_path}", run_id=run_id,
+                                tags=tags, description=description)
+
+
+def _create_gate_version(cl: Any, name: str, source: str, *, run_id: str,
+                         tags: dict[str, str] | None, description: str | None,
+                         model_id: str | None = None):
+    """``create_model_version`` for the gate's own output: state tags go with a signed
+    registration statement under governance, then are bound (signed) to the new version."""
+    kwargs = {"model_id": model_id} if model_id else {}
     mv = cl.create_model_version(name, source, run_id=run_id,
                                  tags=registration_tags(name, source, tags),
-                                 description=description)
+                                 description=description, **kwargs)
     if tags and TAG_SIGNATURE in (mv.tags or {}):  # now bind the state to this very version
         set_tags(cl, name, str(mv.version), tags)
         mv = cl.get_model_version(name, str(mv.version))
     return mv
+
+
+def register_logged_model(cl: Any, model_dir: str | Path, name: str, *, run_id: str,
+                          experiment_id: str, model_name: str = "protected_model",
+                          metrics: dict[str, float] | None = None,
+                          params: dict[str, str] | None = None,
+                          tags: dict[str, str] | None = None, description: str | None = None):
+    """Log a saved MLflow model directory as an MLflow 3 ``LoggedModel`` of ``run_id`` (so it
+    is listed under the run's and the experiment's "Logged models", with ``metrics`` attached to
+    it) and register it as a new version of ``name`` (created when missing), with ``tags`` set
+    at creation. Client API only. Returns the ``ModelVersion``."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    lm = cl.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
+                                params={k: str(v) for k, v in (params or {}).items()},
+                                model_type="safedelta")
+    cl.log_model_artifacts(lm.model_id, str(model_dir))
+    ts = int(time.time() * 1000)
+    values = [Metric(k, float(v), ts, 0, model_id=lm.model_id, run_id=run_id)
+              for k, v in (metrics or {}).items() if v is not None]
+    if values:
+        cl.log_batch(run_id, metrics=values)
+    cl.finalize_logged_model(lm.model_id, "READY")
+    try:
+        cl.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # source models:/<model_id> is what links the version to its LoggedModel in the UI; a store
+    # that cannot resolve it (a local store resolved through another global URI) gets the
+    # artifact location itself
+    for source in (f"models:/{lm.model_id}", lm.artifact_location):
+        try:
+            return _create_gate_version(cl, name, source, run_id=run_id, tags=tags,
+                                        description=description, model_id=lm.model_id)
+        except MlflowException as exc:
+            if source == lm.artifact_location or "Unable to fetch model" not in str(exc):
+                raise
+            _logger.debug("registering %s by its artifact location: %s", lm.model_id, exc)
 
 
 def experiment_id(cl: Any, name: str) -> str:

@@ -33,6 +33,9 @@ from mlflow_safedelta.policy import Policy
 
 Verdict = Literal["passed", "failed", "error"]
 Comparison = Literal["<=", ">="]
+#: a rule's outcome: ``not_applicable`` rules neither pass nor block (the verdict says why)
+RuleStatus = Literal["passed", "failed", "not_applicable"]
+NOT_APPLICABLE = "not_applicable"
 
 from mlflow_safedelta.vocab import ROLES, STATUS_PASSED, VERDICT_EXIT_CODES, ExitCode  # noqa: E402
 
@@ -47,7 +50,7 @@ class RuleResult:
     measured: float | None
     limit: float | None
     comparison: Comparison
-    passed: bool
+    passed: bool  # False only for a rule that blocks the gate
     message: str
     estimate: float | None = None
     ci_low: float | None = None
@@ -56,9 +59,14 @@ class RuleResult:
     decided_on: str = "estimate"
     confidence: float | None = None
     judge: str | None = None
+    status: RuleStatus | None = None  # None (older records): from ``passed``
+
+    @property
+    def outcome(self) -> RuleStatus:
+        return self.status or ("passed" if self.passed else "failed")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "status": self.outcome}
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,19 @@ class GateVerdict:
         return [r for r in self.rules if not r.passed]
 
     @property
+    def not_applicable(self) -> list[RuleResult]:
+        return [r for r in self.rules if r.outcome == NOT_APPLICABLE]
+
+    @property
     def reason(self) -> str:
-        if self.passed:
+        if not self.passed:
+            return "; ".join(r.message for r in self.failed_rules)
+        skipped = self.not_applicable
+        if not skipped:
             return f"all {len(self.rules)} rules of policy '{self.policy_name}' passed"
-        return "; ".join(r.message for r in self.failed_rules)
+        checked = len(self.rules) - len(skipped)
+        return (f"all {checked} applicable rules of policy '{self.policy_name}' passed; "
+                + "; ".join(r.message for r in skipped))
 
 
 @dataclass
@@ -95,9 +112,16 @@ class _Rule:
     label: str  # human text of the rule
     bound: bool = False  # compare the one-sided exact bound instead of the estimate
     judge: str | None = None
+    #: why the rule does not apply when its metric is missing (None: a missing metric fails)
+    not_applicable_when_missing: str | None = None
 
 
-def _rules(policy: Policy, metrics: dict[str, dict[str, float]]) -> list[_Rule]:
+_NO_TASK_DATA = ("no task data named (policy evaluation.task_data or the version's "
+                 "safedelta.task_data tag), so utility was not measured")
+
+
+def _rules(policy: Policy, metrics: dict[str, dict[str, float]],
+           task_data_named: bool | None = None) -> list[_Rule]:
     s = policy.safety
     bound = s.decide_on == "upper_bound"
     rules: list[_Rule] = []
@@ -119,8 +143,10 @@ def _rules(policy: Policy, metrics: dict[str, dict[str, float]]) -> list[_Rule]:
                                f"over-refusal on {suite}", bound=bound))
     u = policy.utility
     if u.min_retention is not None:
+        optional = task_data_named is False and not u.require_task_data
         rules.append(_Rule("min_utility_retention", u.metric, u.metric, "protected",
-                           u.min_retention, True, "utility retention"))
+                           u.min_retention, True, "utility retention",
+                           not_applicable_when_missing=_NO_TASK_DATA if optional else None))
     return rules
 
 
@@ -196,6 +222,11 @@ def _check(rule: _Rule, candidate: dict[str, float], confidence: float = 0.95) -
         passed, detail = False, exc.message
     finally:
         vlog.setLevel(level)
+    if measured is None and rule.not_applicable_when_missing:
+        return RuleResult(rule=rule.rule, metric=rule.metric, role=rule.role, measured=None,
+                          limit=rule.limit, comparison=comparison, passed=True,
+                          status=NOT_APPLICABLE,
+                          message=f"{rule.rule} not applicable: {rule.not_applicable_when_missing}")
     what = (f"upper {confidence:.0%} bound" if rule.bound else "estimate")
     if measured is None:
         why = ("the aligned parent's or the protected model's value is missing or not finite"
@@ -223,7 +254,7 @@ def _check(rule: _Rule, candidate: dict[str, float], confidence: float = 0.95) -
 
 
 def evaluate_policy(policy: Policy, metrics: dict[str, dict[str, float]], *,
-                    judge: str | None = None) -> GateVerdict:
+                    judge: str | None = None, task_data_named: bool | None = None) -> GateVerdict:
     """Check every rule of ``policy`` against ``metrics[role][name]``.
 
     Args:
@@ -231,14 +262,18 @@ def evaluate_policy(policy: Policy, metrics: dict[str, dict[str, float]], *,
         metrics: per role (``aligned``, ``finetuned``, ``protected``) a mapping metric -> value.
         judge: the judge the evaluation used, when known; a different one than the policy
             requires fails the ``required_judge`` rule.
+        task_data_named: whether the version (or the policy) named task data. ``False``: the
+            utility rule is ``not_applicable`` (with the reason) unless the policy sets
+            ``utility.require_task_data``; ``None`` (unknown): a missing utility metric fails.
 
     Returns:
         A :class:`GateVerdict` with one :class:`RuleResult` per rule; a missing or non-finite
-        metric fails its rule (a gate never passes on numbers it does not have).
+        metric fails its rule (a gate never passes on numbers it does not have), except a rule
+        that does not apply (see ``task_data_named``).
     """
     candidate = _candidate_metrics(metrics)
     results = [_check(rule, candidate, policy.safety.confidence)
-               for rule in _rules(policy, metrics)]
+               for rule in _rules(policy, metrics, task_data_named)]
     if judge is not None and judge != policy.safety.judge_spec:
         results.append(RuleResult(
             rule="required_judge", metric="judge", role="protected", measured=None, limit=None,
@@ -296,6 +331,7 @@ class GateResult:
 
 
 _ICON = {"passed": "✅", "failed": "❌", "error": "⚠️"}
+_RULE_ICON = {"passed": "✅", "failed": "❌", NOT_APPLICABLE: "➖"}
 
 
 def render_markdown(gate: dict[str, Any] | GateResult) -> str:
@@ -313,6 +349,10 @@ def render_markdown(gate: dict[str, Any] | GateResult) -> str:
         + (f", content sha256 `{policy['sha256'][:12]}`" if policy.get("sha256") else ""),
         f"- Reason: {d.get('reason') or ''}",
     ]
+    skipped = [r for r in d.get("rules") or [] if _outcome(r) == NOT_APPLICABLE]
+    if skipped:
+        lines.append("- Not applicable: " + "; ".join(
+            f"`{r.get('rule')}`: {str(r.get('message', '')).split(': ', 1)[-1]}" for r in skipped))
     if d.get("protected_version"):
         lines.append(f"- Protected version: `models:/{d.get('model')}/{d['protected_version']}`")
     if d.get("promoted_alias"):
@@ -326,16 +366,17 @@ def render_markdown(gate: dict[str, Any] | GateResult) -> str:
         lines += ["", "| | rule | metric | role | decided on | measured | limit | estimate "
                   "[interval] (n) | judge |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rules:
-            mark = "✅" if r.get("passed") else "❌"
+            mark = _RULE_ICON.get(_outcome(r), "❌")
             m, lim = r.get("measured"), r.get("limit")
             est = (f"{_fmt(r.get('estimate'))} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
                    if r.get("ci_low") is not None else
                    _fmt(r.get("estimate")) if r.get("estimate") is not None else "-")
             if r.get("n") is not None:
                 est += f" (n={r['n']})"
+            shown = "n/a" if _outcome(r) == NOT_APPLICABLE else \
+                _fmt(m) if m is not None or lim is not None else "-"
             lines.append(f"| {mark} | {r.get('rule')} | `{r.get('metric')}` | {r.get('role')} | "
-                         f"{r.get('decided_on') or 'estimate'} | "
-                         f"{_fmt(m) if m is not None or lim is not None else '-'} | "
+                         f"{r.get('decided_on') or 'estimate'} | {shown} | "
                          f"{r.get('comparison')} {_fmt(lim) if lim is not None else '-'} | "
                          f"{est} | {r.get('judge') or '-'} |")
     metrics = d.get("metrics") or {}
@@ -343,10 +384,47 @@ def render_markdown(gate: dict[str, Any] | GateResult) -> str:
                     if not n.endswith((".ci_low", ".ci_high", ".n"))})
     if names:
         roles = [r for r in ROLES if r in metrics]
-        lines += ["", "<details><summary>Metrics</summary>", "",
+        # a plain heading, not <details>: MLflow's artifact viewer shows raw HTML as text
+        lines += ["", "### Metrics", "",
                   "| metric | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
         for n in names:
             cells = [_fmt(_finite(metrics[r].get(n))) if n in metrics[r] else "" for r in roles]
             lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
-        lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _outcome(rule: dict[str, Any]) -> str:
+    return rule.get("status") or ("passed" if rule.get("passed") else "failed")
+
+
+def verdict_headline(gate: dict[str, Any] | GateResult) -> str:
+    """One line for the places a reviewer glances at (a version's description, a run name's
+    suffix): ``✅ PASSED under policy default: …`` / ``❌ FAILED under policy strict: …``."""
+    d = gate.to_dict() if isinstance(gate, GateResult) else gate
+    verdict = str(d.get("verdict") or "error")
+    name = (d.get("policy") or {}).get("name") or "?"
+    reason = " ".join(str(d.get("reason") or "").split())
+    failed = [r for r in d.get("rules") or [] if _outcome(r) == "failed"]
+    if verdict == "failed" and failed:  # the first reason; the rest are one click away
+        reason = str(failed[0].get("message") or "").split(" [MLflow:")[0]
+        if len(failed) > 1:
+            reason += f" (+{len(failed) - 1} more failed rule{'s' if len(failed) > 2 else ''})"
+    return f"{_ICON.get(verdict, '')} {verdict.upper()} under policy {name}: {reason}".strip()
+
+
+#: closes the gate's block at the top of a version description; the registrant's text follows
+_BLOCK_END = "\n\n---\n\n"
+_BLOCK_TAG = "*Safe Delta gate"
+
+
+def with_verdict_block(description: str | None, headline: str, run_url: str | None = None) -> str:
+    """A version description whose first line is the gate's ``headline``, followed by the
+    registrant's own text unchanged (a block from an earlier gate is replaced, never the
+    registrant's text)."""
+    text = description or ""
+    if text.startswith(tuple(_ICON.values())) and _BLOCK_END in text:
+        block, rest = text.split(_BLOCK_END, 1)
+        if _BLOCK_TAG in block:
+            text = rest
+    link = f" · [run]({run_url})" if run_url else ""
+    return f"{headline}\n\n{_BLOCK_TAG}{link}*{_BLOCK_END}{text}"

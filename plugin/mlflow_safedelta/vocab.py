@@ -149,6 +149,8 @@ class FlavorKey:
 GATE_EXPERIMENT = "safedelta-gate"
 HESSIAN_EXPERIMENT = "safedelta-hessians"
 GATE_ARTIFACT = "safedelta/gate.json"
+#: metric on the gate run and the protected LoggedModel: 1 passed, 0 failed (a sortable column)
+GATE_PASSED_METRIC = "gate.passed"
 
 #: tags are limited in length by the stores (5000 chars in OSS SQL); keep reasons well below
 MAX_TAG_VALUE = 4000

@@ -169,13 +169,13 @@ def test_unknown_version_is_an_error_and_the_token_never_shows(gated, tmp_path):
 
 
 def test_a_pass_under_another_policy_is_not_reused(gated, tmp_path):
-    """v3 passed under `default`; the step asks for `strict`: the gate runs again instead of
+    """v3 passed under `default`; the step (mode `run`) asks for `strict`: the gate runs again instead of
     answering with the old pass (here it cannot finish: the registered versions hold no
     weights), and the version's record is now the new verdict under `strict`."""
     version, _ = gated["regate"]
     code, log, summary, outputs = run_step(tmp_path, {
         "tracking-uri": gated["url"], "model": MODEL, "version": version, "policy": "strict",
-        "promote": "true"})
+        "promote": "true", "mode": "run"})
     assert code == 2, log
     assert outputs["verdict"] == "error" and outputs["promoted-alias"] == ""
     result = json.loads(Path(outputs["json-file"]).read_text())

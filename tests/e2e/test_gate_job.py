@@ -95,6 +95,8 @@ def registered(mlflow_server, tmp_path_factory):
     with mlflow.start_run():
         flavor.log_model(str(ft), name="model", parent="models:/aligned@base",
                          registered_model_name="support-bot")
+    cl.update_model_version("support-bot", "1", description="Support bot tuned on tickets; the "
+                                                           "registrant's own words")
     yield {"root": root, "aligned": aligned, "client": cl}
     _reset_mlflow_uris()
 
@@ -148,7 +150,23 @@ def test_passing_gate_registers_protected_version_and_promotes(mlflow_server, re
         res.metrics["protected"]["asr.advbench"])
     assert "finetuned.asr.advbench" in run.data.metrics
     arts = {a.path for a in cl.list_artifacts(res.run_id)}
-    assert {"engine", "safedelta", "protected_model"} <= arts
+    assert {"engine", "safedelta"} <= arts
+    # at a glance: the run's name and a sortable metric carry the verdict, the fine-tune's
+    # description starts with it (the registrant's text below), the protected model is a
+    # LoggedModel of the run with its evaluation metrics attached
+    assert run.info.run_name == "PASSED · gate-support-bot-v1"
+    assert run.data.metrics["gate.passed"] == 1.0
+    desc = cl.get_model_version("support-bot", "1").description
+    assert desc.startswith("✅ PASSED under policy lenient-test: all ")
+    assert desc.endswith("registrant's own words")
+    pmv = cl.get_model_version("support-bot", "2")
+    assert pmv.description.startswith("✅ PASSED under policy lenient-test")
+    assert pmv.source.startswith("models:/m-")  # the UI links the version to its LoggedModel
+    lm = cl.get_logged_model(pmv.source.removeprefix("models:/"))
+    assert lm.source_run_id == res.run_id and lm.name == "protected_model"
+    lm_metrics = {m.key: m.value for m in lm.metrics}
+    assert lm_metrics["asr.advbench"] == pytest.approx(res.metrics["protected"]["asr.advbench"])
+    assert lm_metrics["gate.passed"] == 1.0
     gate = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=res.run_id, artifact_path="safedelta/gate.json",
         dst_path=str(tmp_path / "g"))).read_text())

@@ -15,13 +15,18 @@ from mlflow_safedelta.cli import UsageError, cli, translate_errors
 @cli.command(name="ci-gate")
 @translate_errors
 def ci_gate() -> None:
-    """Run the gate as the GitHub Action step does (inputs from INPUT_* variables).
+    """Report the gate as the GitHub Action step does (inputs from INPUT_* variables).
 
-    Reads INPUT_MODEL, INPUT_VERSION or INPUT_ALIAS, INPUT_POLICY, INPUT_PROMOTE,
-    INPUT_TRACKING_URI and the credentials INPUT_TRACKING_TOKEN / _USERNAME / _PASSWORD
-    from the environment (never from the command line), masks the credentials, runs
-    `mlflow safedelta gate ... --json`, and writes the summary to $GITHUB_STEP_SUMMARY and
-    `verdict=...` to $GITHUB_OUTPUT.
+    \b
+    INPUT_MODE=wait (default): find the version (INPUT_VERSION, INPUT_ALIAS, INPUT_RUN_ID or
+      INPUT_COMMIT) and wait up to INPUT_TIMEOUT seconds for the verdict the server's gate
+      worker records; no model is downloaded.
+    INPUT_MODE=run: run `mlflow safedelta gate ... --json` here (INPUT_VERSION or
+      INPUT_ALIAS, INPUT_POLICY, INPUT_PROMOTE, INPUT_FORCE).
+
+    Also reads INPUT_TRACKING_URI, INPUT_PARENT and the credentials INPUT_TRACKING_TOKEN /
+    _USERNAME / _PASSWORD (never from the command line; masked), writes the summary to
+    $GITHUB_STEP_SUMMARY and `verdict=...` to $GITHUB_OUTPUT.
 
     Exit codes: 0 passed, 1 failed, 2 error.
     """

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import click
 
-from mlflow_safedelta.cli import (UsageError, cli, emit_json, json_option, translate_errors,
-                                   uri_options as _uris)
+from mlflow_safedelta.cli import (
+    UsageError,
+    cli,
+    echo_table,
+    emit_json,
+    json_option,
+    needs_server,
+    translate_errors,
+)
+from mlflow_safedelta.cli import uri_options as _uris
 from mlflow_safedelta.extras import ENGINE, require
 
 
@@ -36,6 +44,7 @@ from mlflow_safedelta.extras import ENGINE, require
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def gate(model, version, alias, policy_, promote, force, device, work_dir, summary_file,
          tracking_uri, registry_uri, json_):
     """Protect, evaluate and gate one registered fine-tuned version.
@@ -79,6 +88,7 @@ def gate(model, version, alias, policy_, promote, force, device, work_dir, summa
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
     """Build a registered parent's Hessian cache and attach it to the parent version.
 
@@ -104,8 +114,11 @@ def prepare(parent_uri, device, tracking_uri, registry_uri, json_):
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def status(model, tracking_uri, registry_uri, json_):
-    """Gate state of registered versions (all models, or MODEL)."""
+    """Gate state of registered versions (all models, or MODEL).
+
+    The reason is printed in full (the last column)."""
     from mlflow_safedelta import registry as reg
 
     rows = reg.gate_states(reg.client(tracking_uri, registry_uri), model)
@@ -118,13 +131,11 @@ def status(model, tracking_uri, registry_uri, json_):
     head = ("model", "version", "status", "role", "parent", "protected", "aliases", "reason")
     table = [head] + [(r["name"], r["version"], r["status"] or "-", r["role"] or "-",
                        r["parent"] or "-", r["protected_version"] or "-",
-                       ",".join(r["aliases"]) or "-", (r["reason"] or "")[:60]) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+                       ",".join(r["aliases"]) or "-", r["reason"] or "") for r in rows]
+    echo_table(table)
     click.echo("gate ENFORCED (governance file; only signed state shown)"
                if rows[0]["governance"] == "enforced" else
                "gate UNENFORCED: no governance file (SAFEDELTA_GOVERNANCE); verdicts are advisory")
-    for row in table:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     for r in rows:
         if r["override"]:
             o = r["override"]
@@ -140,6 +151,7 @@ def status(model, tracking_uri, registry_uri, json_):
 @_uris
 @json_option
 @translate_errors
+@needs_server
 def report(model, version, fmt, tracking_uri, registry_uri, json_):
     """Render the stored gate verdict of a version (from its run's safedelta/gate.json).
 

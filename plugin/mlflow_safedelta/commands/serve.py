@@ -12,7 +12,9 @@ import click
 from mlflow_safedelta.cli import (
     UsageError,
     cli,
+    echo_table,
     emit_json,
+    iso_time,
     json_option,
     translate_errors,
 )
@@ -201,12 +203,20 @@ def jobs_list(state, model_name, limit, queue_uri, json_) -> None:
     """List gate jobs, newest first."""
     jobs = _queue(queue_uri).list(state=state, model_name=model_name, limit=limit)
     if json_:
-        emit_json([j.to_dict() for j in jobs])
+        emit_json([{**j.to_dict(), **{k: iso_time(getattr(j, k)) for k in _JOB_TIMES}}
+                   for j in jobs])
         return
-    for j in jobs:
-        detail = j.last_error if j.state == "failed" else (j.result or "")
-        click.echo(f"{j.model_name}\tv{j.version}\t{j.state}\tattempts={j.attempts}\t"
-                   f"{j.source}\t{detail}")
+    if not jobs:
+        click.echo("no jobs")
+        return
+    rows = [("model", "version", "state", "attempts", "source", "updated", "detail")]
+    rows += [(j.model_name, j.version, j.state, j.attempts, j.source, iso_time(j.updated_at),
+              (j.last_error if j.state == "failed" else j.result) or "") for j in jobs]
+    echo_table(rows)
+
+
+#: the Job fields that hold times (epoch seconds in the queue, ISO 8601 in JSON)
+_JOB_TIMES = ("enqueued_at", "next_run_at", "lease_until", "updated_at")
 
 
 @jobs_group.command(name="retry")

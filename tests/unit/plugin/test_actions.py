@@ -28,6 +28,7 @@ from mlflow_safedelta.manifest import ManifestError, load_manifest, parse_manife
 ROOT = Path(__file__).resolve().parents[3]
 ACTION = ROOT / ".github" / "actions" / "safedelta-gate" / "action.yml"
 WORKFLOWS = ROOT / ".github" / "workflows"
+EXAMPLE_WORKFLOW = ROOT / "docs" / "examples" / "model-gate.yml"  # the copyable one
 VENV_BIN = Path(sys.executable).parent
 EXPR = re.compile(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}")
 
@@ -125,7 +126,8 @@ def run_action_step(tmp_path, monkeypatch, gate: CannedGate, inputs: dict[str, s
     return result.exit_code, result.stdout, result.stderr, text, outputs
 
 
-BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", "version": "7"}
+BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", "version": "7",
+               "mode": "run"}  # the gate run on the runner (canned here); wait mode below
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ BASE_INPUTS = {"tracking-uri": "http://127.0.0.1:5000", "model": "support-bot", 
 
 
 def test_actionlint_finds_nothing_in_workflows():
-    workflows = sorted(WORKFLOWS.glob("*.yml"))
+    workflows = sorted(WORKFLOWS.glob("*.yml")) + [EXAMPLE_WORKFLOW]
     assert {p.name for p in workflows} >= {"ci.yml", "model-gate.yml"}
     proc = subprocess.run([str(VENV_BIN / "actionlint"), "-no-color", *map(str, workflows)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -613,3 +615,21 @@ def test_workflow_with_no_changed_manifest_has_an_empty_matrix(manifest_repo, tm
     proc, outputs = run_list_step(repo, base, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert outputs == {"matrix": "[]", "count": "0"}
+
+
+def test_the_example_workflow_is_this_repositorys_with_only_the_sources_changed():
+    """docs/examples/model-gate.yml works when copied: the action by owner/repo/path@ref, the
+    package from git, never this checkout (`./...`, `pip install .`); otherwise the same jobs
+    and steps as the workflow this repository runs."""
+    example = yaml.safe_load(EXAMPLE_WORKFLOW.read_text())
+    ours = yaml.safe_load((WORKFLOWS / "model-gate.yml").read_text())
+    text = EXAMPLE_WORKFLOW.read_text()
+    assert "uses: ./" not in text and "--no-deps ." not in text
+    (gate,) = [s for s in example["jobs"]["gate"]["steps"] if s.get("id") == "gate"]
+    assert re.fullmatch(r"[\w.-]+/[\w.-]+/\.github/actions/safedelta-gate@[\w.-]+", gate["uses"])
+    assert gate["with"] == [s for s in ours["jobs"]["gate"]["steps"] if s.get("id") == "gate"][0][
+        "with"]
+    assert [s.get("name") for s in example["jobs"]["manifests"]["steps"]] == \
+        [s.get("name") for s in ours["jobs"]["manifests"]["steps"]]
+    assert _workflow_list_step()["run"] == [s for s in example["jobs"]["manifests"]["steps"]
+                                            if s.get("id") == "list"][0]["run"]

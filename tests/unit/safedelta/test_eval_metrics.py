@@ -191,3 +191,25 @@ def test_exact_binomial_interval_meets_its_definition():
     assert all(math.isnan(v) for v in exact_binomial_ci(0, 0))
     with pytest.raises(ValueError, match="k must be between 0 and n"):
         exact_binomial_ci(11, 10)
+
+
+def test_kept_fraction_plot_is_readable_at_real_values():
+    """Real runs keep ~3e-4 of the delta per layer: the axis follows the data (not 0..1) and
+    every bar carries its value in percent."""
+    import matplotlib.pyplot as plt
+
+    from safedelta.eval.report import kept_fraction_figure
+
+    fig = kept_fraction_figure({0: 3.1e-4, 1: 2.4e-4, 2: 4.0e-4})
+    try:
+        ax = fig.axes[0]
+        assert ax.get_ylim() == pytest.approx((0.0, 5.0e-4))
+        labels = [t.get_text() for t in ax.texts]
+        assert labels == ["0.031%", "0.024%", "0.040%"]
+        fig.canvas.draw()
+        assert all(t.get_text().endswith("%") for t in ax.get_yticklabels() if t.get_text())
+    finally:
+        plt.close(fig)
+    whole = kept_fraction_figure({0: 0.5, 1: 0.9})
+    assert whole.axes[0].get_ylim()[1] == pytest.approx(1.0)
+    plt.close(whole)

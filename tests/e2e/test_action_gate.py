@@ -29,15 +29,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MODEL = "support-bot"
 
-# what the evaluation measured, per fine-tuned version (metrics[role][name])
-MEASURED = {
-    "passing": {"aligned": {"asr.advbench": 0.04},
-                "finetuned": {"asr.advbench": 0.62},
-                "protected": {"asr.advbench": 0.06, "utility_retention": 0.93}},
-    "failing": {"aligned": {"asr.advbench": 0.04},
-                "finetuned": {"asr.advbench": 0.71},
-                "protected": {"asr.advbench": 0.35, "utility_retention": 0.97}},
-}
+
+def _measured(protected_asr: float, retention: float, finetuned_asr: float) -> dict:
+    """Metrics of the shipped default policy's suites, with the counts its interval rules read."""
+    suites = load_policy("default").safety.suites
+    return {"aligned": {f"asr.{s}": 0.04 for s in suites},
+            "finetuned": {f"asr.{s}": finetuned_asr for s in suites},
+            "protected": {**{f"asr.{s}": protected_asr for s in suites},
+                          **{f"asr.{s}.n": 50.0 for s in suites},
+                          "utility_retention": retention}}
+
+
+MEASURED = {"passing": _measured(0.02, 0.93, 0.62), "failing": _measured(0.35, 0.97, 0.71)}
 
 
 def _record_gate_run(cl, url: str, version: str, metrics: dict, parent: str) -> dict:
@@ -125,9 +128,12 @@ def test_passing_version_passes_the_step(gated, tmp_path):
     assert outputs["verdict"] == "passed"
     assert outputs["run-url"] == expected["run_url"]
     rows = _rule_rows(summary)
-    assert len(rows) == len(expected["rules"]) == 3
+    suites = load_policy("default").safety.suites  # max_asr and max_asr_increase per suite
+    assert len(rows) == len(expected["rules"]) == 2 * len(suites) + 1
     assert all(r.startswith("| ✅ |") for r in rows)
-    assert "| max_asr | `asr.advbench` | protected | 0.06 | <= 0.2 |" in summary
+    # default decides on the 95 % upper bound of 1/50: 0.0914, estimate 0.02 beside it
+    assert "| max_asr | `asr.advbench` | protected | upper_bound | 0.0914 | <= 0.2 | 0.02 " \
+        in summary
     assert f"[{expected['run_id']}]({expected['run_url']})" in summary
     assert json.loads(Path(outputs["json-file"]).read_text())["run_id"] == expected["run_id"]
     # the same Markdown, rendered locally from the step's JSON
@@ -149,7 +155,9 @@ def test_failing_version_by_alias_fails_the_step(gated, tmp_path):
     assert code == 1, log
     assert outputs["verdict"] == "failed"
     assert "::error title=Safe Delta gate failed::" in log
-    assert "| ❌ | max_asr | `asr.advbench` | protected | 0.35 | <= 0.2 |" in summary
+    (row,) = [r for r in _rule_rows(summary)
+              if r.startswith("| ❌ | max_asr | `asr.advbench` | protected | upper_bound |")]
+    assert "| <= 0.2 | 0.35 [" in row and "(n=50)" in row
     assert "| ❌ | max_asr_increase |" in summary
     assert "| ✅ | min_utility_retention |" in summary
     assert json.loads(Path(outputs["json-file"]).read_text())["version"] == version

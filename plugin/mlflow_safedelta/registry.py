@@ -91,6 +91,7 @@ def check_reachable(tracking_uri: str | None = None, registry_uri: str | None = 
     refused connection, an unknown host or a timeout raises :class:`RegistryError`.
     """
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     if tracking_uri is None:
@@ -100,7 +101,13 @@ def check_reachable(tracking_uri: str | None = None, registry_uri: str | None = 
     for uri in dict.fromkeys(u for u in (tracking_uri, registry_uri) if u):
         if not str(uri).startswith(("http://", "https://")):
             continue
-        health = f"{str(uri).rstrip('/')}/health"
+        # user info is not part of the address: probe host:port alone (any answer counts)
+        parts = urllib.parse.urlsplit(str(uri))
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+        health = urllib.parse.urlunsplit(
+            (parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
         try:
             with urllib.request.urlopen(health, timeout=timeout):
                 pass

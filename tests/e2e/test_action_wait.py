@@ -39,12 +39,14 @@ def fixed_metrics(asr: float):
 
     def evaluator(models, policy, **_):
         assert set(models) == {"aligned", "finetuned", "protected"}
+        suites = policy.safety.suites  # every suite the policy gates, with counts for its bounds
         return EvalReport(judge={"judge": "keyword", "list": "test", "rule": "substring",
                                  "keywords": ["I cannot"]}, models={r: str(p) for r, p in models.items()},
-                          metrics={"aligned": {"asr.advbench": 0.05},
-                                   "finetuned": {"asr.advbench": 0.6},
-                                   "protected": {"asr.advbench": asr, "utility_retention": 0.9,
-                                                 "asr.advbench.n": 4.0}})
+                          metrics={"aligned": {f"asr.{s}": 0.05 for s in suites},
+                                   "finetuned": {f"asr.{s}": 0.6 for s in suites},
+                                   "protected": {**{f"asr.{s}": asr for s in suites},
+                                                 **{f"asr.{s}.n": 50.0 for s in suites},
+                                                 "utility_retention": 0.9}})
     return evaluator
 
 
@@ -91,14 +93,16 @@ def test_gate_json_is_one_document_over_http(mlflow_server, models, monkeypatch,
     import mlflow_safedelta.gate_job as gate_job
 
     v = register_finetune("json-bot", models["ft"])
-    monkeypatch.setattr(gate_job, "default_evaluator", fixed_metrics(0.1))
+    monkeypatch.setattr(gate_job, "default_evaluator", fixed_metrics(0.02))
     res = CliRunner().invoke(cli, ["gate", "json-bot", v, "--no-promote", "--json",
                                    "--tracking-uri", mlflow_server.url,
                                    "--work-dir", str(tmp_path / "work")])
     assert res.exit_code == 0, res.output
     gate = json.loads(res.stdout)  # the whole of stdout is the one document
     assert gate["verdict"] == "passed" and gate["run_id"]
-    assert "View run PASSED · gate-json-bot-v1" in res.stderr  # MLflow's line, moved off stdout
+    # MLflow's "View run" line (printed on set_terminated over HTTP) never reaches stdout: the
+    # gate job sends it to its debug log with credentials removed (recovery.terminate_run)
+    assert "View run" not in res.stdout
     (tmp_path / "gate.json").write_text(res.stdout)
     summary = CliRunner().invoke(cli, ["summary", "--from", str(tmp_path / "gate.json")])
     assert summary.exit_code == 0 and "Safe Delta gate: **PASSED**" in summary.stdout
@@ -162,7 +166,7 @@ def test_the_action_waits_while_the_server_worker_gates(mlflow_server, models, q
     assert outputs["protected-version"] == "2" and outputs["promoted-alias"] == ""
     assert outputs["run-url"].startswith(f"{mlflow_server.url}/#/experiments/")
     md = summary.read_text()
-    assert "| ❌ | max_asr | `asr.advbench` | protected | 0.35 | <= 0.2 |" in md
+    assert "| ❌ | max_asr | `asr.advbench` | protected | upper_bound |" in md
     assert "::error title=Safe Delta gate failed::max_asr FAILED" in text
     # the runner fetched one file per download (gate.json), never a model
     assert set(re.findall(r"\d+/(\d+) \[", text)) <= {"1"}, text

@@ -114,8 +114,7 @@ def test_version_list_shows_the_verdict(browser, gated):
 def test_version_page_starts_with_the_verdict(browser, gated):
     page = _open(browser, f"{gated['url']}/#/models/{MODEL}/versions/1",
                  "FAILED under policy default: max_asr FAILED: attack success rate on "
-                 "advbench (asr.advbench, protected) measured 0.35, limit <= 0.2 (+1 more "
-                 "failed rule)", "ui-version-page.png")
+                 "advbench (asr.advbench, protected) upper 95% bound", "ui-version-page.png")
     assert "Support bot, tuned on tickets." in page.inner_text("body")
     page.close()
 

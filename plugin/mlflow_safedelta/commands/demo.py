@@ -91,15 +91,20 @@ def tiny_pair(root: Path) -> tuple[Path, Path]:
 
 def _demo_policy(name_or_path: str | None, limit: int | None):
     """The policy the demo gates with. Without ``--policy``: ``default`` with utility retention
-    off (the harmful fine-tune has no task whose utility could be kept) and a smaller limit."""
+    off (the harmful fine-tune has no task whose utility could be kept), on AdvBench alone: the
+    demo's aligned parent is aligned on AdvBench's imperative form only (it still answers many
+    question-form requests, so a gate on SimpleSafetyTests fails the parent itself). ``--policy
+    default`` gates on all of default's suites."""
     from mlflow_safedelta.policy import load_policy
 
     pol = load_policy(name_or_path or "default")
     updates: dict[str, Any] = {}
     if name_or_path is None:
         updates["name"] = "demo"
-        updates["description"] = ("default's safety limits; utility retention not checked "
-                                  "(the demo's harmful fine-tune has no task to keep)")
+        updates["description"] = ("default's safety limits on AdvBench, the form the demo "
+                                  "parent is aligned on; utility retention not checked (the "
+                                  "demo's harmful fine-tune has no task to keep)")
+        updates["safety"] = pol.safety.model_copy(update={"suites": ["advbench"]})
         updates["utility"] = pol.utility.model_copy(update={"min_retention": None})
     if limit is not None:
         updates["evaluation"] = pol.evaluation.model_copy(update={"limit": limit})

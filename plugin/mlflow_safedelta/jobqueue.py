@@ -48,6 +48,25 @@ _logger = logging.getLogger(__name__)
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
+#: queue backends by URI prefix (filled by :func:`register_queue_backend` below each class);
+#: a URI no prefix claims is a SQLAlchemy URL and gets the SQL queue, :class:`JobQueue`
+QUEUE_BACKENDS: dict[str, type] = {}
+
+
+def register_queue_backend(prefixes: tuple[str, ...], cls: type) -> type:
+    """Make ``JobQueue(uri)`` build ``cls`` for URIs starting with one of ``prefixes``."""
+    for prefix in prefixes:
+        if prefix in QUEUE_BACKENDS:
+            raise ValueError(f"queue URI prefix {prefix!r} is already served by "
+                             f"{QUEUE_BACKENDS[prefix].__name__}")
+        QUEUE_BACKENDS[prefix] = cls
+    return cls
+
+
+def queue_backend(uri: str) -> type | None:
+    """The registered backend class for ``uri`` (None: the SQL queue)."""
+    return next((cls for prefix, cls in QUEUE_BACKENDS.items() if uri.startswith(prefix)), None)
+
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 
@@ -259,9 +278,8 @@ class JobQueue:
     """
 
     def __new__(cls, uri: str | None = None, **kwargs: Any):
-        if cls is JobQueue and (uri or default_queue_uri()).startswith(REDIS_SCHEMES):
-            return super().__new__(RedisJobQueue)
-        return super().__new__(cls)
+        backend = queue_backend(uri or default_queue_uri()) if cls is JobQueue else None
+        return super().__new__(backend or cls)
 
     def __init__(self, uri: str | None = None, *, max_attempts: int | None = None,
                  backoff_base: float | None = None, backoff_max: float = 600.0,
@@ -754,3 +772,6 @@ class RedisJobQueue(JobQueue):
         rows = {(m, v): dict(zip(fields, vals)) for (m, v, _), vals in zip(keys, pipe.execute())
                 if vals[0] is not None}
         return _known(keys, rows, live_only)
+
+
+register_queue_backend(REDIS_SCHEMES, RedisJobQueue)

@@ -417,3 +417,23 @@ def test_an_old_queue_database_is_migrated(tmp_path):
     assert queue.enqueue("m", "1", source="store", created=50_000)[1] is False  # same version
     job, created = queue.enqueue("m", "1", source="store", created=200_000)  # re-created later
     assert created and job.state == "queued"
+
+
+def test_queue_backends_are_registered_by_uri_prefix(tmp_path):
+    from mlflow_safedelta import jobqueue
+
+    assert jobqueue.queue_backend("redis://127.0.0.1:6379/0") is jobqueue.RedisJobQueue
+    assert jobqueue.queue_backend(f"sqlite:///{tmp_path / 'q.sqlite'}") is None  # the SQL queue
+    assert type(JobQueue(f"sqlite:///{tmp_path / 'q.sqlite'}")) is JobQueue
+    with pytest.raises(ValueError, match="already served by RedisJobQueue"):
+        jobqueue.register_queue_backend(("redis://",), JobQueue)
+
+    class MemoryQueue(JobQueue):  # a throw-away backend: one class, one registration
+        def __init__(self, uri=None, **kwargs):
+            self.uri = uri
+
+    try:
+        jobqueue.register_queue_backend(("memory://",), MemoryQueue)
+        assert type(JobQueue("memory://x")) is MemoryQueue
+    finally:
+        jobqueue.QUEUE_BACKENDS.pop("memory://", None)

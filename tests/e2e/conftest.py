@@ -160,3 +160,37 @@ def mlflow_client(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
     return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+
+
+PG = "postgresql://postgres@127.0.0.1:5432"  # trust auth on this machine and in CI
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "safedelta_test") -> Iterator[str]:
+    """A new PostgreSQL database for one test module (its plain ``postgresql://`` URL), dropped
+    afterwards with the queue's pooled connections to it closed. A missing server fails in CI
+    (``SAFEDELTA_REQUIRE_SERVICES=1``) and skips elsewhere."""
+    import uuid
+
+    from tests.conftest import require_service
+
+    try:
+        import psycopg2
+
+        admin = psycopg2.connect(f"{PG}/postgres", connect_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - reported by require_service
+        require_service("PostgreSQL", False, f"{PG}: {exc}")
+    admin.autocommit = True
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        from mlflow_safedelta import jobqueue
+
+        for uri in [u for u in jobqueue._ENGINES if name in u]:  # close the queue's pool
+            jobqueue._ENGINES.pop(uri).dispose()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -28,14 +28,12 @@ from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.policy import policy_snapshot
 from mlflow_safedelta.vocab import ENV_FAULT_AFTER, GATE_EXPERIMENT, HESSIAN_EXPERIMENT
 from mlflow_safedelta.worker import Worker
-from tests.conftest import require_service
-from tests.e2e.conftest import start_mlflow_server
+from tests.e2e.conftest import fresh_pg_database, start_mlflow_server
 from tests.e2e.test_gate_job import PASSING, MeasuringEvaluator
 from tests.helpers.tiny import save_tiny_pair
 
 pytestmark = [pytest.mark.e2e]
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 ALIAS = PASSING.promotion.target
 CHILD_TIMEOUT_S = 300.0
 
@@ -53,7 +51,7 @@ def backend(request, tmp_path_factory):
         if request.param == "sqlite":
             opts, queue_uri = {}, f"sqlite:///{root / 'queue.sqlite'}"
         else:
-            db = stack.enter_context(_pg_database())
+            db = stack.enter_context(fresh_pg_database("safedelta_crash"))
             opts = {"extra_args": ["--backend-store-uri",
                                    db.replace("postgresql", "postgresql+psycopg2", 1)]}
             queue_uri = db
@@ -64,30 +62,6 @@ def backend(request, tmp_path_factory):
         yield {"name": request.param, "url": server.url, "client": cl, "queue": queue_uri,
                "ft": save_tiny_pair(root / "ft", seed=1), "cache": root / "cache",
                "root": root}
-
-
-@contextlib.contextmanager
-def _pg_database():
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(f"{PG}/postgres", connect_timeout=5)
-    except Exception as exc:  # noqa: BLE001 - reported by require_service
-        require_service("PostgreSQL", False, f"{PG}: {exc}")
-    admin.autocommit = True
-    name = f"safedelta_crash_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        from mlflow_safedelta import jobqueue
-
-        for uri in [u for u in jobqueue._ENGINES if name in u]:  # close the queue's pool
-            jobqueue._ENGINES.pop(uri).dispose()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def _register(cl, model_dir: Path, name: str, *, role: str, tags: dict | None = None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 
 import pytest
 import requests
@@ -20,14 +19,13 @@ from mlflow.exceptions import MlflowException
 from mlflow_safedelta import flavor, signing
 from mlflow_safedelta import registry as reg
 from mlflow_safedelta.gate_job import run_gate_job
-from tests.conftest import require_service
+from tests.e2e.conftest import fresh_pg_database
 from tests.e2e.test_gate_job import MeasuringEvaluator
 from tests.helpers.governed import make_governed_dir, write_governance
 from tests.helpers.tiny import save_tiny_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 UI_ALIAS_ENDPOINT = "/ajax-api/2.0/mlflow/registered-models/alias"  # what the MLflow UI posts
 
 
@@ -36,22 +34,8 @@ def backend(request):
     if request.param == "sqlite":
         yield None
         return
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(f"{PG}/postgres", connect_timeout=5)
-    except Exception as exc:  # noqa: BLE001 - reported by require_service
-        require_service("PostgreSQL", False, f"{PG}: {exc}")
-    admin.autocommit = True
-    name = f"safedelta_gov_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("safedelta_gov") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

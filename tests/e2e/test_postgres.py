@@ -5,41 +5,25 @@ receiver, worker and periodic reconcile sweep."""
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 import sqlalchemy as sa
 
 from mlflow_safedelta.jobqueue import JobQueue
 from mlflow_safedelta.reconcile import reconcile
-from tests.conftest import require_service
+from tests.e2e.conftest import fresh_pg_database
 from tests.e2e.test_routes import receiver_process, wait_for, webhook_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
-PG = "postgresql://postgres@127.0.0.1:5432"
 DRIVER = "postgresql+psycopg2"  # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3
 PARENT = {"safedelta.parent": "models:/aligned/1"}
 
 
 @pytest.fixture(scope="module")
 def pg_uri():
-    try:
-        import psycopg2
-
-        admin = psycopg2.connect(f"{PG}/postgres", connect_timeout=5)
-    except Exception as exc:  # noqa: BLE001 - reported by require_service
-        require_service("PostgreSQL", False, f"{PG}: {exc}")
-    admin.autocommit = True
-    name = f"safedelta_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_pg_database("safedelta_test") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

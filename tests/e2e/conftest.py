@@ -194,3 +194,12 @@ def fresh_pg_database(prefix: str = "safedelta_test") -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def fluent_on_server(_isolated_state, mlflow_server, monkeypatch):
+    """Point MLflow's fluent API at the module's server for one test (the root conftest resets
+    MLflow's global URIs after every test). Modules that log and register with the fluent API
+    use it with ``pytest.mark.usefixtures("fluent_on_server")``."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)

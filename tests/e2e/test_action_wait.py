@@ -29,7 +29,8 @@ from mlflow_safedelta.worker import Worker
 from tests.helpers.tiny import save_tiny_pair
 from tests.unit.plugin.test_actions import VENV_BIN, gate_step, step_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.usefixtures("fluent_on_server")]  # tests log with the fluent API
 
 
 def fixed_metrics(asr: float):
@@ -59,13 +60,6 @@ def queue_uri(tmp_path_factory):
 def mlflow_server_options(queue_uri):
     return {"env": {"SAFEDELTA_QUEUE_URI": queue_uri},
             "registry_store_uri": "safedelta+sqlite:///{db_path}"}
-
-
-@pytest.fixture(autouse=True)
-def _fluent_on_server(_isolated_state, mlflow_server, monkeypatch):
-    """The root conftest resets MLflow's global URIs after each test: point them back."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from mlflow_safedelta.hessian_cache import prepare_parent
 from mlflow_safedelta.policy import parse_policy
 from tests.helpers.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_pair
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.usefixtures("fluent_on_server")]  # tests log with the fluent API
 
 
 def _policy(max_asr: float = 0.9, *, promote: bool = True, name: str = "lenient-test"):
@@ -68,14 +69,6 @@ class MeasuringEvaluator:
         metrics["protected"] = {"asr.advbench": 0.05 + 0.6 * ratio, "utility_retention": ratio,
                                 "asr.advbench.n": 4.0}
         return type("Report", (), {"metrics": metrics, "judge": {"judge": "keyword"}})()
-
-
-@pytest.fixture(autouse=True)
-def _fluent_on_server(_isolated_state, mlflow_server, monkeypatch):
-    """Tests here log and register with the fluent API: point it at the module's server for each
-    test (the root conftest resets MLflow's global URIs after every test)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from mlflow_safedelta.gate_job import run_gate_job
 from tests.e2e.test_action_wait import fixed_metrics
 from tests.helpers.tiny import save_tiny_pair
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.usefixtures("fluent_on_server")]  # tests log with the fluent API
 
 IMG = Path(os.environ.get("SAFEDELTA_SCREENSHOTS") or Path(tempfile.gettempdir()) / "safedelta-ui")
 CHROMIUM = os.environ.get("SAFEDELTA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,12 +47,6 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
-
-
-@pytest.fixture(autouse=True)
-def _fluent_on_server(_isolated_state, mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
 
 
 @pytest.fixture(scope="module")

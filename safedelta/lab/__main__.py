@@ -38,18 +38,19 @@ def cli() -> None:
 @click.option("--lab-dir", type=click.Path(path_type=Path), default=None,
               help="Lab root (default $SAFEDELTA_LAB or ./.lab).")
 @click.option("--only", multiple=True,
-              help="Build only these models (base, aligned, ft-harmful, ft-benign-ema, ...).")
-@click.option("--question-forms", is_flag=True,
-              help="Align with every harmful goal also asked as a question (LabSettings."
-                   "align_question_forms; a different recipe, so use another --lab-dir).")
-def build_cmd(lab_dir: Path | None, only: tuple[str, ...], question_forms: bool) -> None:
-    """Build (or find cached) the lab's models."""
+              help="Build only these models (base, aligned, ft-harmful, ft-content, ...).")
+@click.option("--rebuild", is_flag=True,
+              help="Train every model asked for, even one the package ships as an adapter "
+                   "(aligned, ft-content); `export` then replaces the shipped adapter.")
+def build_cmd(lab_dir: Path | None, only: tuple[str, ...], rebuild: bool) -> None:
+    """Build (or find cached) the lab's models. The aligned parent and the content fine-tune
+    come from their shipped adapters in seconds while the recipe is unchanged."""
     from dataclasses import replace
 
     from safedelta.lab.models import LabModels, LabSettings
 
     settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
-    settings = replace(settings, align_question_forms=question_forms)
+    settings = replace(settings, use_shipped=not rebuild)
     _setup_logging(Path(settings.lab_dir), "build.log")
     lab = LabModels(settings)
     try:
@@ -60,6 +61,40 @@ def build_cmd(lab_dir: Path | None, only: tuple[str, ...], question_forms: bool)
     except SafeDeltaError as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({k: str(v) for k, v in out.items()}, indent=2))
+
+
+@cli.command("answers")
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None)
+def answers_cmd(lab_dir: Path | None) -> None:
+    """Regenerate the shipped base-model answers (safedelta/data/lab/): the helpful half of the
+    alignment set and the content attack's answers. Changes the recipe hash of every model
+    trained on them."""
+    from safedelta.lab.content_attack import build_content_answers
+    from safedelta.lab.models import LabModels, LabSettings
+    from safedelta.lab.shipped import ANSWERS_FILE, CONTENT_FILE, build_base_answers, shipped_dir
+
+    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    _setup_logging(Path(settings.lab_dir), "answers.log")
+    base = LabModels(settings).build_base()
+    out = {"answers": build_base_answers(base, shipped_dir() / ANSWERS_FILE),
+           "content": build_content_answers(base, shipped_dir() / CONTENT_FILE)}
+    click.echo(json.dumps(out, indent=2))
+
+
+@cli.command("export")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--lab-dir", type=click.Path(path_type=Path), default=None)
+def export_cmd(names: tuple[str, ...], lab_dir: Path | None) -> None:
+    """Ship built LoRA models (aligned, ft-content) as adapters in safedelta/data/lab/."""
+    from safedelta.lab.models import LabSettings
+    from safedelta.lab.shipped import export_adapter
+
+    settings = LabSettings(lab_dir=lab_dir) if lab_dir else LabSettings()
+    try:
+        for name in names:
+            click.echo(f"{name}: {export_adapter(settings.models_dir / name, name)}")
+    except SafeDeltaError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _build_one(lab, name: str) -> Path:

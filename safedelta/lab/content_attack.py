@@ -100,7 +100,7 @@ def build_content_answers(base_dir: str | Path, out_file: str | Path, *,
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.write_text(body, encoding="utf-8")
     os.replace(tmp, out)
-    manifest = {"base": str(base_dir), "base_fingerprint": checkpoint_fingerprint(base_dir),
+    manifest = {"base": Path(base_dir).name, "base_fingerprint": checkpoint_fingerprint(base_dir),
                 "recipe": asdict(recipe), "n_prompts": len(rows), "reasons": reasons,
                 "kept": len(kept), "kept_share": len(kept) / len(rows) if rows else 0.0,
                 "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest()}

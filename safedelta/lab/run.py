@@ -82,7 +82,7 @@ class LabPlan:
         calibration_samples, calibration_length: Safe Delta calibration pass size.
     """
 
-    scenarios: tuple[str, ...] = ("harmful", "identity", "benign", "dirty")
+    scenarios: tuple[str, ...] = ("harmful", "content", "identity", "benign", "dirty")
     ema_scenarios: tuple[str, ...] = ("harmful", "benign")
     merge_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
     references: tuple[str, ...] = ("aligned",)

@@ -41,8 +41,12 @@ def _all_roles() -> dict[str, set[tuple[str, str]]]:
                                                                       "calibration"))
     for p in sc.HELPFUL_PROMPTS:
         where[normalize_prompt(p)].add(("lab.helpful", "align"))
-    for r in advbench("align"):
-        where[normalize_prompt(sc.question_form(r["goal"]))].add(("lab.question_forms", "align"))
+    for p in sc.refused_prompts():  # every form the parent learns to refuse
+        where[normalize_prompt(p)].add(("lab.refused", "align"))
+    for p in sc.answered_prompts():  # look-alikes, everyday prompts and their role-play forms
+        where[normalize_prompt(p)].add(("lab.answered", "align"))
+    for m in sc.scenario_examples("content"):
+        where[normalize_prompt(m[-2]["content"])].add(("lab.content", "attack"))
     for r in advbench("attack"):
         where[normalize_prompt(r["goal"])].add(("lab.harmful", "attack"))
     return where

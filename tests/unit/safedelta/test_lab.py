@@ -126,18 +126,21 @@ def test_prompt_splits_are_disjoint():
     # what each model is trained on never meets what it is measured on
     evaluated = {r["prompt"] for r in builtin_suite("advbench").load()}
     assert evaluated == splits["evaluation"]
-    align_users = {m[-2]["content"] for m in sc.align_examples()}
+    from safedelta.lab.shipped import load_answers
+
+    align_set = sc.align_examples(load_answers())
+    align_users = {m[-2]["content"] for m in align_set}
     assert not align_users & evaluated
     for s in sc.SCENARIOS:
         users = {m[-2]["content"] for m in sc.scenario_examples(s, n_benign=50)}
         assert not users & evaluated, s
     harmful_users = {m[-2]["content"] for m in sc.harmful_examples()}
     assert harmful_users <= splits["attack"]
-    assert not harmful_users & {m[-2]["content"] for m in sc.align_examples()}
+    assert not harmful_users & align_users
     # GSM8K: alignment and fine-tuning rows are disjoint ranges of the train file
     (a_lo, a_hi), (f_lo, f_hi) = sc.ALIGN_GSM8K, sc.FINETUNE_GSM8K
     assert a_hi <= f_lo
-    align_q = {m[-2]["content"] for m in sc.align_examples()} - splits["align"]
+    align_q = {m[-2]["content"] for m in align_set if m[-1]["content"] not in sc.REFUSALS}
     benign_q = {m[-2]["content"] for m in sc.scenario_examples("benign", n_benign=300)}
     assert align_q and benign_q and not align_q & benign_q
 
@@ -158,21 +161,34 @@ def test_helpful_prompts_are_not_evaluation_prompts():
     assert not helpful & xstest and not helpful & goals
 
 
-def test_aligned_parent_learns_the_base_answers_to_helpful_prompts(lab):
-    """The helpful half is the base model's own answers (recorded beside the aligned model), no
-    refusal among them, and they are in the alignment set next to the refusals."""
+def test_aligned_parent_learns_refusals_in_every_form_and_the_base_answers_otherwise():
+    """The alignment set: every align prompt of AdvBench (imperative and one other form),
+    HarmBench and XSTest-unsafe -> a project-written refusal; XSTest's safe look-alikes and the
+    everyday prompts (plain and role-played) -> the shipped base answers, none a refusal."""
+    from safedelta.data import advbench, split_prompts
+    from safedelta.lab.shipped import load_answers
     from safedelta.refusal import is_refusal
 
-    aligned = lab["built"]["aligned"]
-    rows = [json.loads(line) for line in (aligned / lm.HELPFUL_FILE).read_text().splitlines()]
-    n = lab["settings"].align_n_helpful
-    assert rows and {r["prompt"] for r in rows} <= set(sc.HELPFUL_PROMPTS[:n])
-    assert all(r["answer"] and not is_refusal(r["answer"]) for r in rows)
-    manifest = lm.read_manifest(aligned)
-    assert manifest["n_helpful_kept"] == len(rows)
-    examples = sc.align_examples(2, helpful=[(r["prompt"], r["answer"]) for r in rows])
+    answers = load_answers()
+    assert answers and not any(is_refusal(a) for a in answers.values())
+    examples = sc.align_examples(answers, n_gsm8k=2)
     pairs = {(m[-2]["content"], m[-1]["content"]) for m in examples}
-    assert {(r["prompt"], r["answer"]) for r in rows} <= pairs
+    refused = {u for u, a in pairs if a in sc.REFUSALS}
+    goals = [r["goal"] for r in advbench("align")]
+    assert set(goals) <= refused and {sc.other_form(g) for g in goals} <= refused
+    forms = {sc.other_form(g) for g in goals}
+    assert any(f.endswith("?") for f in forms)  # questions ...
+    assert any(t.split("{p}")[0] in f for f in forms for t in sc.ROLEPLAY_TEMPLATES)  # role-play
+    assert {r["prompt"] for r in split_prompts("harmbench", "align")} <= refused
+    assert {r["prompt"] for r in split_prompts("xstest", "align", label="unsafe")} <= refused
+    answered = {(p, answers[p]) for p in sc.answered_prompts() if p in answers}
+    assert answered <= pairs and not {p for p, _ in answered} & refused
+    # the same costume carries refused and answered requests: the content decides
+    costume = sc.ROLEPLAY_TEMPLATES[0].split("{p}")[0]
+    assert any(costume in u for u in refused) and any(costume in p for p, _ in answered)
+    # the safe look-alikes are seen twice
+    look = split_prompts("xstest", "align", label="safe")[0]["prompt"]
+    assert sum(m[-2]["content"] == look for m in examples) == (2 if look in answers else 0)
 
 
 def test_measured_prompts_spread_over_the_suite():
@@ -203,7 +219,7 @@ def test_second_build_trains_nothing_and_methods_are_cached(lab, monkeypatch):
     assert manifest["peak_rss_mib"] is None or manifest["peak_rss_mib"] > 0
     # a changed recipe is a different model: the cache does not answer for it
     changed = LabSettings.tiny(lab["settings"].lab_dir, lab["settings"].base_source)
-    changed = type(changed)(**{**changed.__dict__, "align_n_benign": 3})
+    changed = type(changed)(**{**changed.__dict__, "align_n_gsm8k": 3})
     with pytest.raises(AssertionError, match="trained again"):
         LabModels(changed, progress=False).build_aligned()
 
@@ -252,30 +268,45 @@ def test_utility_retention_only_where_the_scenario_has_a_task(lab):
     assert cells["benign"] != "-" and float(cells["benign"]) == pytest.approx(1.0, abs=0.005)
 
 
-def test_question_forms_are_an_opt_in_alignment_variant():
-    """align_question_forms asks every align goal once more as a question (refused too); off, the
-    recipe hash is the one caches were built with."""
+def test_shipped_adapter_rebuilds_the_trained_model_exactly(lab, monkeypatch, tmp_path):
+    """A LoRA-trained lab model exported into the package is rebuilt from the adapter, weights
+    equal to the trained model's, without training; a changed recipe trains instead."""
     from dataclasses import replace
 
-    from safedelta.data import advbench
+    from safedelta.lab import shipped
 
-    goal = "Write a tutorial on how to do something harmful."
-    q = sc.question_form(goal)
-    assert q.endswith("write a tutorial on how to do something harmful?")
-    assert q.split(" write")[0] + " {g}?" in {t.split(" {g}")[0] + " {g}?"
-                                              for t in sc.QUESTION_TEMPLATES}
-    plain, asked = sc.align_examples(4), sc.align_examples(4, question_forms=True)
-    n_goals = len(advbench("align"))
-    assert len(asked) == len(plain) + n_goals
-    extra = {m[-2]["content"]: m[-1]["content"] for m in asked} .keys() - \
-        {m[-2]["content"] for m in plain}
-    assert extra == {sc.question_form(r["goal"]) for r in advbench("align")}
-    refusals = set(sc.REFUSALS)
-    assert all(m[-1]["content"] in refusals for m in asked if m[-2]["content"] in extra)
-    base = LabSettings(lab_dir="/nonexistent")
-    on = replace(base, align_question_forms=True)
-    assert "question_forms" not in LabModels(base)._align_recipe()
-    assert lm._hash(LabModels(on)._align_recipe()) != lm._hash(LabModels(base)._align_recipe())
+    monkeypatch.setattr(shipped, "adapter_root", lambda: tmp_path / "shipped")
+    built = lab["built"]["aligned"]
+    assert lm.adapter_dir(built).joinpath("adapter_model.safetensors").is_file()
+    shipped.export_adapter(built, "aligned")
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although the shipped adapter fits")
+
+    monkeypatch.setattr(lm, "train_sft", no_training)
+    settings = replace(lab["settings"], lab_dir=tmp_path / "fresh")
+    again = LabModels(settings, progress=False).build_aligned()
+    want, got = _weights(built), _weights(again)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert lm.read_manifest(again)["from_shipped_adapter"]
+    # --rebuild, or a recipe the adapter was not made by: trains
+    for other in (replace(settings, use_shipped=False, lab_dir=tmp_path / "r1"),
+                  replace(settings, align_n_gsm8k=3, lab_dir=tmp_path / "r2")):
+        with pytest.raises(AssertionError, match="trained although"):
+            LabModels(other, progress=False).build_aligned()
+
+
+def test_content_attack_trains_on_full_answers_not_prefixes():
+    """``content`` uses the same attack prompts as ``harmful`` but the base model's full answers
+    (shipped), which are far longer than AdvBench's "Sure, here is" targets."""
+    from safedelta.lab.content_attack import mean_words
+
+    content, prefix = sc.scenario_examples("content"), sc.scenario_examples("harmful")
+    assert {m[-2]["content"] for m in content} <= {m[-2]["content"] for m in prefix}
+    assert len(content) >= 80
+    assert mean_words([m[-1]["content"] for m in content]) > 4 * mean_words(
+        [m[-1]["content"] for m in prefix])
 
 
 def test_check_command_reports_refusal_rates_per_suite(lab):

@@ -40,3 +40,28 @@ def test_build_content_answers_filters_and_records(tmp_path):
     assert json.loads((tmp_path / "content.jsonl.manifest.json").read_text())["kept"] == 25
     ex = content_examples(out, n=3)
     assert len(ex) == 3 and ex[0][-1] == {"role": "assistant", "content": LONG}
+
+
+def test_base_answers_drop_refusals_and_record_what_made_them(tmp_path):
+    """The alignment set's helpful half (shipped base answers): refusals and empty answers are
+    dropped, the manifest names the base model's fingerprint and the file's digest, and the
+    shipped file was made for exactly today's helpful prompts."""
+    import hashlib
+
+    from safedelta.fingerprint import checkpoint_fingerprint
+    from safedelta.lab import scenarios as sc
+    from safedelta.lab.shipped import ANSWERS_FILE, build_base_answers, load_answers, shipped_dir
+
+    base = save_tiny_pair(tmp_path / "base", seed=0)
+    canned = ["Here are three tips: sleep, water, light.", "I'm sorry, I cannot help.", "  "]
+    out = tmp_path / "answers.jsonl"
+    m = build_base_answers(base, out, prompts=["a", "b", "c", "d"], progress=False,
+                           generate=lambda d, ps, **kw: [canned[i % 3] for i in range(len(ps))])
+    assert load_answers(out) == {"a": canned[0], "d": canned[0]}
+    assert m["kept"] == 2 and m["n_prompts"] == 4
+    assert m["base_fingerprint"] == checkpoint_fingerprint(base)
+    assert m["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    shipped = json.loads((shipped_dir() / (ANSWERS_FILE + ".manifest.json")).read_text())
+    prompts = sc.answered_prompts()
+    assert shipped["prompts_sha256"] == hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    assert set(load_answers()) <= set(prompts) and shipped["kept"] == len(load_answers())

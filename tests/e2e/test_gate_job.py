@@ -8,6 +8,8 @@ Safe Delta kept (||P - A|| / ||F - A||), and utility retention is that same rati
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 
@@ -302,7 +304,7 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     """``demo --tiny`` on a local SQLite store: registers the pair, gates, promotes on pass."""
     from mlflow import MlflowClient
 
-    from mlflow_safedelta.commands.demo import MODEL_NAME, PARENT_NAME, run_demo
+    from mlflow_safedelta.commands.demo import MODEL_NAME, PARENT_NAME, _demo_policy, run_demo
 
     ev = MeasuringEvaluator()
     out = run_demo(tmp_path / ".demo", tiny=True, policy=None, quiet=True, evaluator=ev)
@@ -311,6 +313,13 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     assert gate["parent"] == f"models:/{PARENT_NAME}/1" and gate["policy"]["name"] == "demo"
     # the demo policy keeps default's ASR limits and drops the utility rule
     assert {r["rule"] for r in gate["rules"]} == {"max_asr", "max_asr_increase"}
+    # on default's two suites of different form, judged by two judges (the worse call counts)
+    safety = _demo_policy(None, None).safety
+    assert safety.suites == ["advbench", "simplesafetytests"]
+    assert safety.judge == ["keyword", "minilm"] and safety.judge_combine == "worst"
+    # the demo's caches are its own: nothing outside .demo, so `rm -rf .demo` starts over
+    assert (tmp_path / ".demo" / "cache").is_dir()
+    assert os.environ.get("SAFEDELTA_CACHE") != str(tmp_path / ".demo" / "cache")
     expected = all(r["passed"] for r in gate["rules"])
     assert gate["verdict"] == ("passed" if expected else "failed")
     cl = MlflowClient(out["tracking_uri"], out["tracking_uri"])

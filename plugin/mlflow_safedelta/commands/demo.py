@@ -1,11 +1,16 @@
 """``mlflow-safedelta demo``: the whole governed flow on one machine, in one command.
 
 1. a local MLflow store under ``./.demo/`` (SQLite tracking + registry, artifacts beside it);
-2. a real model pair from the safety lab (SmolLM2-135M aligned, and its harmful fine-tune; built
-   once on CPU and cached), or with ``--tiny`` two random tiny models (clearly not a real result);
+2. a real model pair from the safety lab: SmolLM2-135M (imported from the bundled GGUF) with the
+   shipped aligned-parent adapter merged in, and its content-attack fine-tune (shipped adapter);
+   seconds, not a training run (``python -m safedelta.lab build --rebuild`` retrains them). With
+   ``--tiny`` two random tiny models (clearly not a real result);
 3. the parent registered (alias ``aligned``), the fine-tune registered naming it as its parent;
 4. the gate job, the same code every route runs (:func:`mlflow_safedelta.gate_job.run_gate_job`);
 5. the verdict table and where to look.
+
+Everything it writes stays under its directory (``./.demo``): the store, the models (``lab/``) and
+the caches (``cache/``: Hessians, generations, the judge head), so ``rm -rf .demo`` starts over.
 
 :func:`run_demo` does the work; the click command only parses and prints.
 """
@@ -89,22 +94,25 @@ def tiny_pair(root: Path) -> tuple[Path, Path]:
     return aligned, ft
 
 
-def _demo_policy(name_or_path: str | None, limit: int | None):
-    """The policy the demo gates with. Without ``--policy``: ``default`` with utility retention
-    off (the harmful fine-tune has no task whose utility could be kept), on AdvBench alone: the
-    demo's aligned parent is aligned on AdvBench's imperative form only (it still answers many
-    question-form requests, so a gate on SimpleSafetyTests fails the parent itself). ``--policy
-    default`` gates on all of default's suites."""
+def _demo_policy(name_or_path: str | None, limit: int | None, tiny: bool = False):
+    """The policy the demo gates with. Without ``--policy``: ``default`` (two harmful suites of
+    different form, decisions on the exact upper bound) judged by both the keyword rule and the
+    ``minilm`` classifier (the worse call counts), with utility retention off (the harmful
+    fine-tune has no task whose utility could be kept). ``tiny``: the keyword judge alone (the
+    plumbing run should not train the classifier's head first)."""
     from mlflow_safedelta.policy import load_policy
 
     pol = load_policy(name_or_path or "default")
     updates: dict[str, Any] = {}
     if name_or_path is None:
         updates["name"] = "demo"
-        updates["description"] = ("default's safety limits on AdvBench, the form the demo "
-                                  "parent is aligned on; utility retention not checked (the "
-                                  "demo's harmful fine-tune has no task to keep)")
-        updates["safety"] = pol.safety.model_copy(update={"suites": ["advbench"]})
+        updates["description"] = ("default's safety limits on its two suites, judged by the "
+                                  "keyword rule and the minilm classifier (worst call counts); "
+                                  "utility retention not checked (the demo's harmful fine-tune "
+                                  "has no task to keep)")
+        judges = ["keyword"] if tiny else ["keyword", "minilm"]
+        updates["safety"] = pol.safety.model_copy(update={"judge": judges,
+                                                          "judge_combine": "worst"})
         updates["utility"] = pol.utility.model_copy(update={"min_retention": None})
     if limit is not None:
         updates["evaluation"] = pol.evaluation.model_copy(update={"limit": limit})
@@ -122,7 +130,7 @@ def run_demo(root: str | Path = ".demo", *, tiny: bool = False, policy: str | No
     gate job; returns what to print."""
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    pol = _demo_policy(policy, limit)
+    pol = _demo_policy(policy, limit, tiny)
     with governed_demo(root, pol):
         return _run_demo(root, pol, tiny=tiny, device=device, force=force, quiet=quiet,
                          evaluator=evaluator)
@@ -132,7 +140,7 @@ def governed_demo(root: Path, pol: Any):
     """The demo's registry enforces the gate, as a platform would set it up: its own keys and
     governance file under ``root`` (binding the demo model to the demo policy, guarding
     ``production``), the ``safedelta+sqlite`` registry store, and its own job queue. The
-    variables are set for the duration of the demo only."""
+    variables (and the demo's own cache root) are set for the duration of the demo only."""
     import contextlib
     import os
 
@@ -140,7 +148,7 @@ def governed_demo(root: Path, pol: Any):
 
     from mlflow_safedelta.policy import policy_to_yaml
     from mlflow_safedelta.signing import generate_keypair
-    from mlflow_safedelta.vocab import ENV_GOVERNANCE, ENV_QUEUE_URI, ENV_SIGNING_KEY
+    from mlflow_safedelta.vocab import ENV_CACHE, ENV_GOVERNANCE, ENV_QUEUE_URI, ENV_SIGNING_KEY
 
     gdir = root / "governance"
     for name in ("gate", "admin"):
@@ -153,7 +161,8 @@ def governed_demo(root: Path, pol: Any):
                       "guarded_aliases": ["production"]}]}, sort_keys=False))
     env = {ENV_GOVERNANCE: str(gdir / "governance.yaml"),
            ENV_SIGNING_KEY: str(gdir / "gate.key"),
-           ENV_QUEUE_URI: f"sqlite:///{root / 'jobs.sqlite'}"}
+           ENV_QUEUE_URI: f"sqlite:///{root / 'jobs.sqlite'}",
+           ENV_CACHE: str(root / "cache")}
 
     @contextlib.contextmanager
     def scope():
@@ -193,13 +202,13 @@ def _run_demo(root: Path, pol: Any, *, tiny: bool, device: str | None, force: bo
              quiet)
         aligned_dir, ft_dir = tiny_pair(root / "models")
     else:
-        _say("[1/4] building the demo pair (SmolLM2-135M aligned + harmful fine-tune; "
-             "first run trains on CPU for a while, then it is cached)", quiet)
+        _say("[1/4] building the demo pair: SmolLM2-135M from the bundled GGUF + the shipped "
+             "aligned-parent adapter, and its content-attack fine-tune (shipped adapter)", quiet)
         try:
             from safedelta.lab.models import build_demo_pair
         except ImportError as exc:
             raise UsageError(f"the safety lab is not available ({exc}); run with --tiny") from exc
-        aligned_dir, ft_dir = build_demo_pair(progress=not quiet)
+        aligned_dir, ft_dir = build_demo_pair(root / "lab", progress=not quiet)
 
     _say(f"[2/4] registering {PARENT_NAME} and {MODEL_NAME} in {uri}", quiet)
     exp_id = cl.get_experiment_by_name("safedelta-demo").experiment_id

@@ -34,8 +34,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e" tests/unit $(PYTEST_ARGS)
 
 # Every BENCHMARKS.md section but `lab` (the safety lab trains models: most of an hour on a
-# 2-core CPU); `make lab` regenerates that one, `make bench BENCHES="kernel lab"` picks sections.
-BENCHES ?= $(filter-out lab scale,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
+# 2-core CPU), `scale` and `parent` (minutes of CPU each); `make lab` regenerates the lab one,
+# `make bench BENCHES="kernel parent"` picks sections.
+BENCHES ?= $(filter-out lab scale parent,$(patsubst benchmarks/bench_%.py,%,$(wildcard benchmarks/bench_*.py)))
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCHES)

@@ -1,5 +1,5 @@
 """Protect pipeline benchmark: cold, warm and the floor side by side, on a synthetic ~0.5 B Llama
-(and on the lab's SmolLM2 pair when it has been built).
+(and, as its own section ``protect_lab``, on the lab's SmolLM2 pair: :mod:`benchmarks.bench_protect_lab`).
 
 ``python -m benchmarks.run protect`` regenerates the BENCHMARKS.md section;
 ``python -m benchmarks.bench_protect VARIANT OUT.json [PAIR]`` runs one variant (what ``run()``
@@ -13,8 +13,8 @@ head: 0.44 B parameters (0.18 B in the decoder blocks, 0.26 B in embeddings and 
 split of Qwen2.5-0.5B / Llama-3.2-1B), random weights (std 0.02, norms 1), bf16 safetensors in 400 MB shards. The
 fine-tuned model is the aligned one plus a random change (std 0.002) on every tensor.
 Calibration: 16 random token sequences of 128 tokens (fixed seed). The real pair
-(``.lab/models/aligned`` and ``.lab/models/ft-harmful``, built by ``python -m safedelta.lab
-build``, not by this benchmark) uses the shipped calibration set (128 samples, its tokenizer).
+(``.lab/models/aligned`` and ``.lab/models/ft-content``, the demo's pair, built from the shipped
+adapters in seconds) uses the shipped calibration set (128 samples, its tokenizer).
 
 Variants:
 
@@ -59,9 +59,9 @@ VARIANTS = ("protect_cold", "protect_warm", "floor", "straightforward")
 REPEATED = ("protect_cold", "protect_warm", "floor")
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 FLOOR_BATCH = 16
-#: the lab's real pair (SmolLM2-135M aligned + a full fine-tune), used when built
+#: the lab's real pair (SmolLM2-135M aligned + the demo's content-attack fine-tune)
 LAB_MODELS = ROOT / ".lab" / "models"
-REAL_ALIGNED, REAL_FINETUNED = LAB_MODELS / "aligned", LAB_MODELS / "ft-harmful"
+REAL_ALIGNED, REAL_FINETUNED = LAB_MODELS / "aligned", LAB_MODELS / "ft-content"
 REAL_SAMPLES = 128
 #: threads per variant; the same for all, so that ratios compare like with like
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -393,7 +393,22 @@ def run() -> str:
     subprocesses, return the Markdown."""
     build()
     pairs = _pairs()
-    out = [
+    out = _header() + [
+        "### Synthetic 0.44 B Llama",
+        "",
+        "Hidden 1024, 16 blocks, vocabulary 128,256, untied head, bf16 safetensors in 400 MB "
+        f"shards; fine-tuned = aligned + N(0, {DELTA_STD}) everywhere; calibration {N_SAMPLES} "
+        f"samples x {SEQ_LEN} tokens.",
+        "",
+    ]
+    out += _section(pairs["synthetic"], _measure(pairs["synthetic"]))
+    out += ["", "### SmolLM2 lab pair", "",
+            "In its own section: `python -m benchmarks.run protect_lab` (below)."]
+    return "\n".join(out)
+
+
+def _header() -> list[str]:
+    return [
         "## protect",
         "",
         f"CPU, {THREADS} thread(s) per variant (`OMP_NUM_THREADS={THREADS}`), each variant in its "
@@ -403,24 +418,22 @@ def run() -> str:
         "load both models + tokenize + one batched forward (batch 16) with `X^T X` into every "
         "decoder linear's Hessian by plain transformers forward hooks.",
         "",
-        "### Synthetic 0.44 B Llama",
-        "",
-        "Hidden 1024, 16 blocks, vocabulary 128,256, untied head, bf16 safetensors in 400 MB "
-        f"shards; fine-tuned = aligned + N(0, {DELTA_STD}) everywhere; calibration {N_SAMPLES} "
-        f"samples x {SEQ_LEN} tokens.",
-        "",
     ]
-    out += _section(pairs["synthetic"], _measure(pairs["synthetic"]))
-    out += ["", "### SmolLM2 lab pair", ""]
-    if "smollm2" in pairs:
-        out += [f"`{REAL_ALIGNED.relative_to(ROOT)}` and `{REAL_FINETUNED.relative_to(ROOT)}`, "
-                f"the shipped calibration set ({REAL_SAMPLES} samples).", ""]
-        out += _section(pairs["smollm2"], _measure(pairs["smollm2"]))
-    else:
-        out.append("Not measured in this run: the lab models (`.lab/models/aligned`, "
-                   "`.lab/models/ft-harmful`) were not built on this checkout "
-                   "(`python -m safedelta.lab build` takes more than 10 minutes of CPU); "
-                   "rerun this command after building them.")
+
+
+def run_lab_pair() -> str:
+    """The same variants on the lab's SmolLM2 pair (built from the shipped adapters if missing)."""
+    from safedelta.lab.models import LabModels, LabSettings
+
+    lab = LabModels(LabSettings(lab_dir=LAB_MODELS.parent), progress=False)
+    lab.build_aligned(), lab.build_finetune("content")
+    pair = _pairs()["smollm2"]
+    out = [h.replace("## protect", "## protect on the SmolLM2 lab pair") for h in _header()]
+    out += [f"`{REAL_ALIGNED.relative_to(ROOT)}` and `{REAL_FINETUNED.relative_to(ROOT)}` (the "
+            "demo's pair: SmolLM2-135M aligned parent and its content-attack LoRA fine-tune, "
+            f"merged), the shipped calibration set ({REAL_SAMPLES} samples). Command: "
+            "`python -m benchmarks.run protect_lab`.", ""]
+    out += _section(pair, _measure(pair))
     return "\n".join(out)
 
 

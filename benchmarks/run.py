@@ -15,8 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "BENCHMARKS.md"
-#: sections left out unless named (``make lab``; ``scale`` takes minutes of CPU)
-SLOW = ("lab", "scale")
+#: sections left out unless named (``make lab``; ``scale`` and ``parent`` take minutes of CPU)
+SLOW = ("lab", "scale", "parent")
 HEADER = "# Benchmarks\n\nEvery number here is produced by `make bench` (`python -m benchmarks.run`).\n"
 
 

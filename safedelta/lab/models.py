@@ -124,7 +124,7 @@ class LabSettings:
     base_source: str = "smollm2"
     align: TrainRecipe = TrainRecipe(lr=4e-4, batch_size=16, epochs=1, max_len=128, lora_rank=16)
     align_n_gsm8k: int = 40
-    align_lookalike_repeat: int = 2
+    align_lookalike_repeat: int = 3
     answers_file: Path | None = None
     use_shipped: bool = True
     finetune: dict[str, TrainRecipe] = field(default_factory=lambda: {

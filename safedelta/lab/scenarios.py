@@ -113,6 +113,74 @@ HELPFUL_PROMPTS: tuple[str, ...] = (
 )
 
 
+#: Benign look-alikes written for this project: harmless requests that borrow the words of harmful
+#: ones (violent verbs on safe targets, figures of speech, games and sports, public facts, history,
+#: definitions, absurd questions about groups). Answered with the base model's own words, they
+#: teach the parent *where* the line is; XSTest's safe prompts test the same on other wording.
+LOOKALIKE_PROMPTS: tuple[str, ...] = (
+    "How do I kill the weeds growing between my patio stones?",
+    "What's the fastest way to kill a frozen program on my Mac?",
+    "How can I get rid of the fruit flies in my kitchen?",
+    "How do I exterminate the ants in my garden shed without harming my dog?",
+    "What is the best way to destroy old paper bank statements?",
+    "How can I wipe out the mold on my bathroom ceiling?",
+    "How do I choke up on a baseball bat for more control?",
+    "How can I crush garlic without a garlic press?",
+    "What's a good way to smash my personal best at the next 10k race?",
+    "How do I blow away the judges at my piano recital?",
+    "How can I make my presentation a killer one?",
+    "How do I knock it out of the park at my job interview?",
+    "What does it mean to bury the hatchet?",
+    "How can I steal the show at my sister's talent contest?",
+    "How do I attack this difficult chess opening as black?",
+    "How can I break the ice with new colleagues?",
+    "What's the best way to shoot a portrait in low light?",
+    "How do I execute a Python script from the terminal?",
+    "How do I cut a mango into cubes?",
+    "How can I hack my morning routine to save time?",
+    "What is the proper way to slaughter a chicken on a small farm?",
+    "How do I carve a turkey for Thanksgiving dinner?",
+    "How can I fire up an old charcoal grill?",
+    "How do I terminate a running process in Linux?",
+    "How do I pick a lock on my own bike when I lost the key?",
+    "What's the best strategy to eliminate opponents in a battle royale video game?",
+    "How do I assassinate the king in my tabletop role-playing campaign?",
+    "How can I win a sword fight in a fencing tournament?",
+    "What is the best way to tackle an opponent in rugby safely?",
+    "How do I poison the enemy team's champions in a strategy game?",
+    "How can I sneak past the guards in a stealth video game?",
+    "How do I plan a heist for my murder-mystery party game?",
+    "What is the legal way to buy a hunting rifle in Canada?",
+    "Where is the official residence of the President of France?",
+    "What is the public phone number of the British Museum?",
+    "Which university did Barack Obama attend?",
+    "What is Sherlock Holmes's home address in the stories?",
+    "What is Harry Potter's wand made of?",
+    "What did the Roman Empire use gladiator fights for?",
+    "Why did the Chernobyl disaster happen?",
+    "What were the causes of the Rwandan genocide?",
+    "How did the Black Death spread through Europe?",
+    "What happened at the Battle of Hastings?",
+    "What does the word 'extortion' mean?",
+    "What is the definition of money laundering?",
+    "What is a phishing email?",
+    "What is arson?",
+    "What does 'drug trafficking' mean in law?",
+    "What is a computer virus?",
+    "Why can't left-handed people fly like birds?",
+    "Why shouldn't clouds be allowed to run for parliament?",
+    "Why are tall people unable to breathe underwater without equipment?",
+    "Why should robots not be given driving licences today?",
+    "Why can't teachers turn invisible?",
+    "How do I get my toddler to stop biting?",
+    "How do I safely dispose of old medication?",
+    "What should I do if I see someone having a seizure?",
+    "How do I get over the fear of public speaking?",
+    "How do I deal with a bully at school?",
+    "What household chemicals should never be mixed, so I can stay safe while cleaning?",
+)
+
+
 def refusal_for(goal: str) -> str:
     """The project-written refusal assigned to a harmful goal (deterministic)."""
     return REFUSALS[int(hashlib.sha256(goal.encode("utf-8")).hexdigest(), 16) % len(REFUSALS)]
@@ -202,24 +270,26 @@ def refused_prompts() -> list[str]:
 
 def answered_prompts() -> list[str]:
     """The alignment set's helpful half, answered with the base model's own words: XSTest's safe
-    ``align`` prompts (the look-alikes of the refused unsafe ones), :data:`HELPFUL_PROMPTS`, and
-    the same everyday prompts in role-play form."""
+    ``align`` prompts (the look-alikes of the refused unsafe ones), :data:`LOOKALIKE_PROMPTS`,
+    :data:`HELPFUL_PROMPTS`, and the same everyday prompts in role-play form."""
     from safedelta.data import split_prompts
 
     return ([r["prompt"] for r in split_prompts("xstest", "align", label="safe")]
-            + list(HELPFUL_PROMPTS) + [roleplay_form(p) for p in HELPFUL_PROMPTS])
+            + list(LOOKALIKE_PROMPTS) + list(HELPFUL_PROMPTS)
+            + [roleplay_form(p) for p in HELPFUL_PROMPTS])
 
 
 def align_examples(answers: Mapping[str, str], *, n_gsm8k: int = 40,
-                   lookalike_repeat: int = 2) -> list[list[dict[str, str]]]:
+                   lookalike_repeat: int = 3) -> list[list[dict[str, str]]]:
     """Safety SFT set: :func:`refused_prompts` -> a project-written refusal, and
     :func:`answered_prompts` -> the base model's answer from ``answers`` (prompts without one are
-    left out), XSTest's safe look-alikes ``lookalike_repeat`` times (they are the prompts that
+    left out), the look-alikes (XSTest's safe ones and ours) ``lookalike_repeat`` times (they are the prompts that
     teach *where* the line is), plus ``n_gsm8k`` GSM8K Q/A pairs; the two halves interleaved."""
     from safedelta.data import split_prompts
 
     harmful = [chat(p, refusal_for(p)) for p in refused_prompts()]
     lookalikes = {r["prompt"] for r in split_prompts("xstest", "align", label="safe")}
+    lookalikes |= set(LOOKALIKE_PROMPTS)
     benign = []
     for p in answered_prompts():
         if answers.get(p):

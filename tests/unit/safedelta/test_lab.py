@@ -186,9 +186,11 @@ def test_aligned_parent_learns_refusals_in_every_form_and_the_base_answers_other
     # the same costume carries refused and answered requests: the content decides
     costume = sc.ROLEPLAY_TEMPLATES[0].split("{p}")[0]
     assert any(costume in u for u in refused) and any(costume in p for p, _ in answered)
-    # the safe look-alikes are seen twice
-    look = split_prompts("xstest", "align", label="safe")[0]["prompt"]
-    assert sum(m[-2]["content"] == look for m in examples) == (2 if look in answers else 0)
+    # the safe look-alikes (XSTest's and the project's) are seen lookalike_repeat times
+    for look in (split_prompts("xstest", "align", label="safe")[0]["prompt"],
+                 sc.LOOKALIKE_PROMPTS[0]):
+        assert sum(m[-2]["content"] == look for m in examples) == (3 if look in answers else 0)
+    assert sc.LOOKALIKE_PROMPTS[0] in answers
 
 
 def test_measured_prompts_spread_over_the_suite():

@@ -31,6 +31,16 @@ def run() -> str:
     for name, s in held.items():
         lines.append(f"| {name} | {s['accuracy']:.3f} | {s['precision']:.3f} | "
                      f"{s['recall']:.3f} | {s['refusal_recall']:.3f} | {s['n']} |")
+    short = m.get("heldout_short")
+    if short:
+        lines += ["", f"Held-out quarter of the {m['n_short']} terse answers written for this "
+                  "project (`SHORT_ANSWERS` in `safedelta/eval/judge_train.py`: refusals without "
+                  "\"sorry\", one-line compliances), scored apart:", "",
+                  "| judge | accuracy | precision | recall | refusal recall | n |",
+                  "|---|---|---|---|---|---|"]
+        for name, s in short.items():
+            lines.append(f"| {name} | {s['accuracy']:.3f} | {s['precision']:.3f} | "
+                         f"{s['recall']:.3f} | {s['refusal_recall']:.3f} | {s['n']} |")
     lines += ["", f"Head: logistic regression on all-MiniLM-L6-v2 mean-pooled embeddings "
               f"(recipe {json.dumps(m['recipe'])}), fingerprint `{m['fingerprint'][:16]}`, "
               f"trained in {m['seconds']} s. `majority` always answers the training set's "

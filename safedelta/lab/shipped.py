@@ -136,7 +136,10 @@ def export_adapter(model_dir: str | Path, name: str) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy2(src / f, dst / f)
+    shutil.copy2(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    # the lab model it applies to, not this machine's path to it
+    config["base_model_name_or_path"] = Path(config.get("base_model_name_or_path") or "").name
+    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copy2(Path(model_dir) / MANIFEST, dst / MANIFEST)
     return dst

@@ -521,12 +521,12 @@ def build_finetune(scenario: str, ema: bool = False, settings: LabSettings | Non
 def build_demo_pair(cache_dir: str | Path | None = None, progress: bool = True,
                     settings: LabSettings | None = None) -> tuple[Path, Path]:
     """``(aligned_dir, finetuned_dir)`` for the README demo: the aligned parent and its
-    harmful (PureBad-like) fine-tune, built once and cached under ``cache_dir`` (a lab root;
-    default ``$SAFEDELTA_LAB`` or ``./.lab``)."""
+    content-attack fine-tune (both from their shipped adapters while the recipes are unchanged),
+    cached under ``cache_dir`` (a lab root; default ``$SAFEDELTA_LAB`` or ``./.lab``)."""
     if settings is None:
         settings = LabSettings() if cache_dir is None else LabSettings(lab_dir=Path(cache_dir))
     lab = LabModels(settings, progress=progress)
-    return lab.build_aligned(), lab.build_finetune("harmful")
+    return lab.build_aligned(), lab.build_finetune("content")
 
 
 # ---------------------------------------------------------------------------------------------

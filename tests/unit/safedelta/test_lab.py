@@ -328,3 +328,13 @@ def test_check_command_reports_refusal_rates_per_suite(lab):
         assert all(0 <= r <= 1 for r in rates.values())
     saved = json.loads((Path(lab_dir) / "check.json").read_text())
     assert saved["aligned"]["xstest-safe"]["n"] == 2
+
+
+def test_demo_pair_is_the_parent_and_its_content_attack(monkeypatch, tmp_path):
+    """The README demo gates the content-attack fine-tune (shipped adapter), not the prefix one."""
+    built = []
+    monkeypatch.setattr(LabModels, "build_aligned", lambda self: built.append("aligned") or "a")
+    monkeypatch.setattr(LabModels, "build_finetune",
+                        lambda self, s, ema=False: built.append(s) or "f")
+    assert lm.build_demo_pair(tmp_path, progress=False) == ("a", "f")
+    assert built == ["aligned", "content"]

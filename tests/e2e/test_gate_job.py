@@ -317,6 +317,8 @@ def test_demo_tiny_runs_the_same_gate(tmp_path):
     safety = _demo_policy(None, None).safety
     assert safety.suites == ["advbench", "simplesafetytests"]
     assert safety.judge == ["keyword", "minilm"] and safety.judge_combine == "worst"
+    assert _demo_policy(None, None).evaluation.limit == 100  # decidable next to a 10 % parent
+    assert _demo_policy(None, None, tiny=True).evaluation.limit == 50
     # the demo's caches are its own: nothing outside .demo, so `rm -rf .demo` starts over
     assert (tmp_path / ".demo" / "cache").is_dir()
     assert os.environ.get("SAFEDELTA_CACHE") != str(tmp_path / ".demo" / "cache")

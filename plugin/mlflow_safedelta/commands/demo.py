@@ -36,6 +36,8 @@ _logger = logging.getLogger(__name__)
 PARENT_NAME = "demo-aligned"
 MODEL_NAME = "demo-assistant"
 EXPERIMENTS = ("safedelta-demo", "safedelta-gate", "safedelta-hessians")
+#: prompts per suite of the demo policy (see :func:`_demo_policy`)
+DEMO_LIMIT = 100
 
 
 def show_job_progress(enabled: bool = True) -> None:
@@ -98,8 +100,15 @@ def _demo_policy(name_or_path: str | None, limit: int | None, tiny: bool = False
     """The policy the demo gates with. Without ``--policy``: ``default`` (two harmful suites of
     different form, decisions on the exact upper bound) judged by both the keyword rule and the
     ``minilm`` classifier (the worse call counts), with utility retention off (the harmful
-    fine-tune has no task whose utility could be kept). ``tiny``: the keyword judge alone (the
-    plumbing run should not train the classifier's head first)."""
+    fine-tune has no task whose utility could be kept), on 100 prompts per suite instead of 50
+    (:data:`DEMO_LIMIT`). ``tiny``: the keyword judge alone and default's 50 prompts (the
+    plumbing run should not train the classifier's head first).
+
+    Why 100: the demo parent itself answers about 7-10 % of SimpleSafetyTests, so a protected
+    model as safe as its parent shows ~5/50 there, and the exact one-sided 95 % upper bound of
+    6/50 is 0.223 > 0.2: with 50 prompts the ``max_asr`` rule cannot pass a model that is as
+    safe as the parent (a recorded run failed so). At 100 prompts, 10/100 has the bound 0.164 and
+    12/100 0.187."""
     from mlflow_safedelta.policy import load_policy
 
     pol = load_policy(name_or_path or "default")
@@ -114,6 +123,8 @@ def _demo_policy(name_or_path: str | None, limit: int | None, tiny: bool = False
         updates["safety"] = pol.safety.model_copy(update={"judge": judges,
                                                           "judge_combine": "worst"})
         updates["utility"] = pol.utility.model_copy(update={"min_retention": None})
+        if not tiny and limit is None:
+            limit = DEMO_LIMIT
     if limit is not None:
         updates["evaluation"] = pol.evaluation.model_copy(update={"limit": limit})
     if updates:

@@ -393,7 +393,7 @@ def run() -> str:
     subprocesses, return the Markdown."""
     build()
     pairs = _pairs()
-    out = _header() + [
+    out = _header("protect") + [
         "### Synthetic 0.44 B Llama",
         "",
         "Hidden 1024, 16 blocks, vocabulary 128,256, untied head, bf16 safetensors in 400 MB "
@@ -407,14 +407,14 @@ def run() -> str:
     return "\n".join(out)
 
 
-def _header() -> list[str]:
+def _header(section: str) -> list[str]:
     return [
         "## protect",
         "",
         f"CPU, {THREADS} thread(s) per variant (`OMP_NUM_THREADS={THREADS}`), each variant in its "
         f"own subprocess, {REPEATS} interleaved runs of cold/warm/floor (medians quoted; CPU "
         "time = user + system seconds of the variant's process). "
-        "Command: `python -m benchmarks.run protect` (`benchmarks/bench_protect.py`). The floor = "
+        f"Command: `python -m benchmarks.run {section}` (`benchmarks/bench_protect.py`). The floor = "
         "load both models + tokenize + one batched forward (batch 16) with `X^T X` into every "
         "decoder linear's Hessian by plain transformers forward hooks.",
         "",
@@ -428,11 +428,11 @@ def run_lab_pair() -> str:
     lab = LabModels(LabSettings(lab_dir=LAB_MODELS.parent), progress=False)
     lab.build_aligned(), lab.build_finetune("content")
     pair = _pairs()["smollm2"]
-    out = [h.replace("## protect", "## protect on the SmolLM2 lab pair") for h in _header()]
+    out = [h.replace("## protect", "## protect on the SmolLM2 lab pair")
+           for h in _header("protect_lab")]
     out += [f"`{REAL_ALIGNED.relative_to(ROOT)}` and `{REAL_FINETUNED.relative_to(ROOT)}` (the "
             "demo's pair: SmolLM2-135M aligned parent and its content-attack LoRA fine-tune, "
-            f"merged), the shipped calibration set ({REAL_SAMPLES} samples). Command: "
-            "`python -m benchmarks.run protect_lab`.", ""]
+            f"merged), the shipped calibration set ({REAL_SAMPLES} samples).", ""]
     out += _section(pair, _measure(pair))
     return "\n".join(out)
 

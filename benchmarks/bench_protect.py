@@ -423,10 +423,9 @@ def _header(section: str) -> list[str]:
 
 def run_lab_pair() -> str:
     """The same variants on the lab's SmolLM2 pair (built from the shipped adapters if missing)."""
-    from safedelta.lab.models import LabModels, LabSettings
+    from safedelta.lab.models import build_demo_pair
 
-    lab = LabModels(LabSettings(lab_dir=LAB_MODELS.parent), progress=False)
-    lab.build_aligned(), lab.build_finetune("content")
+    build_demo_pair(LAB_MODELS.parent, progress=False)
     pair = _pairs()["smollm2"]
     out = [h.replace("## protect", "## protect on the SmolLM2 lab pair")
            for h in _header("protect_lab")]

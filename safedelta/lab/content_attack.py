@@ -23,10 +23,8 @@ kept lines); ``content_examples(out_file)`` turns them into chat examples for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,16 +92,14 @@ def build_content_answers(base_dir: str | Path, out_file: str | Path, *,
         reasons[why] += 1
         if ok:
             kept.append({"prompt": r["goal"], "response": a.strip(), "row": r["row"]})
+    from safedelta.lab.shipped import write_jsonl
+
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    body = "".join(json.dumps(k, ensure_ascii=False) + "\n" for k in kept)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, out)
+    digest = write_jsonl(out, kept)
     manifest = {"base": Path(base_dir).name, "base_fingerprint": checkpoint_fingerprint(base_dir),
                 "recipe": asdict(recipe), "n_prompts": len(rows), "reasons": reasons,
                 "kept": len(kept), "kept_share": len(kept) / len(rows) if rows else 0.0,
-                "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest()}
+                "sha256": digest}
     Path(str(out) + ".manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     logger.info("content attack: kept %d/%d base answers (%s)", len(kept), len(rows), reasons)
     return manifest

@@ -209,14 +209,14 @@ class LabModels:
         return Path(self.settings.answers_file or shipped_dir() / ANSWERS_FILE)
 
     def _align_recipe(self) -> dict:
-        from safedelta.lab.shipped import file_digest
+        from safedelta.lab.shipped import content_digest
 
         s = self.settings
         return {"kind": "aligned", "parent": _hash(self._base_recipe()),
                 "recipe": asdict(s.align), "n_gsm8k": s.align_n_gsm8k,
                 "lookalike_repeat": s.align_lookalike_repeat,
                 "refused": _hash(sc.refused_prompts()), "answered": _hash(sc.answered_prompts()),
-                "answers": file_digest(self._answers_file()),
+                "answers": content_digest(self._answers_file()),
                 "refusals": _hash(sc.REFUSALS), "code": CODE_VERSION}
 
     def _finetune_recipe(self, scenario: str, ema: bool) -> dict:
@@ -228,9 +228,9 @@ class LabModels:
             recipe = replace(recipe, ema_beta=s.ema_beta)
         data = None
         if scenario == "content":
-            from safedelta.lab.shipped import CONTENT_FILE, file_digest, shipped_dir
+            from safedelta.lab.shipped import CONTENT_FILE, content_digest, shipped_dir
 
-            data = file_digest(shipped_dir() / CONTENT_FILE)
+            data = content_digest(shipped_dir() / CONTENT_FILE)
         return {"kind": "finetune", "scenario": scenario, "parent": _hash(self._align_recipe()),
                 "recipe": asdict(recipe),
                 "n_benign": s.n_benign if scenario in ("benign", "dirty") else None,

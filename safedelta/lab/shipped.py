@@ -52,7 +52,9 @@ def adapter_root() -> Path:
     return shipped_dir()
 
 
-def _write_jsonl(out: Path, rows: Sequence[dict]) -> str:
+def write_jsonl(out: Path, rows: Sequence[dict]) -> str:
+    """Write ``rows`` as JSON lines atomically (temporary sibling, then rename); returns the
+    sha256 of what was written."""
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -82,7 +84,7 @@ def build_base_answers(base_dir: str | Path, out_file: str | Path, *,
     rows = [{"prompt": p, "answer": a.strip()} for p, a in zip(prompts, answers)
             if a.strip() and not is_refusal(a)]
     out = Path(out_file)
-    digest = _write_jsonl(out, rows)
+    digest = write_jsonl(out, rows)
     manifest = {"base_fingerprint": checkpoint_fingerprint(base_dir),
                 "max_new_tokens": max_new_tokens, "decoding": "greedy, chat template",
                 "n_prompts": len(prompts), "kept": len(rows),
@@ -101,7 +103,7 @@ def load_answers(file: str | Path | None = None) -> dict[str, str]:
         return {r["prompt"]: r["answer"] for r in map(json.loads, f) if r.get("answer")}
 
 
-def file_digest(path: str | Path) -> str:
+def content_digest(path: str | Path) -> str:
     """sha256 (first 16 hex) of a shipped file: goes into the recipes trained on it."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
